@@ -12,10 +12,15 @@ from .artifact import (
     save_artifact,
 )
 from .fold import FoldHandle, fold_profile, folded
+from .gguf_io import CONTROLVECTOR_ARCH, GGUFExportResult, export_gguf, import_gguf
 from .hooks import SlotsExhaustedError, SteeringHooks, install_steering, steering
 from .profile import POSITIONS, CompiledProfile, Profile, VectorRef, compile_profile
 
 __all__ = [
+    "CONTROLVECTOR_ARCH",
+    "GGUFExportResult",
+    "export_gguf",
+    "import_gguf",
     "FORMAT",
     "KINDS",
     "POSITIONS",
