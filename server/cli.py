@@ -1,0 +1,189 @@
+"""The ``steerserve`` console script: serve, model prepare, train, vectors (SPEC §2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _env(option: str, default: Any = None) -> Any:
+    """``STEERSERVE_<OPTION>`` from the environment, else ``default``."""
+    return os.environ.get("STEERSERVE_" + option.upper().replace("-", "_"), default)
+
+
+def _default_vector_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("steerserve")) / "vectors"
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API", description=(
+        "Serve the steering API. Every option can also be set with an environment variable "
+        "STEERSERVE_<OPTION> (e.g. STEERSERVE_PORT=9000); API keys come from STEERSERVE_API_KEY and "
+        "STEERSERVE_ADMIN_KEY."))
+    p.add_argument("--model", default=_env("model"), help="local Hugging Face model directory "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quantization", default=_env("quantization", "auto"),
+                   choices=["auto", "none", "int8", "nf4"])
+    p.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=_env("device", "auto"))
+    p.add_argument("--host", default=_env("host", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("port", 8000)))
+    p.add_argument("--vector-dir", type=Path, default=Path(_env("vector_dir", _default_vector_dir())))
+    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", 8)))
+    p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 64)))
+    p.add_argument("--max-new-tokens", type=int, default=int(_env("max_new_tokens", 1024)),
+                   help="cap on max_new_tokens / max_tokens per request")
+    p.add_argument("--max-upload-bytes", type=int, default=int(_env("max_upload_bytes", 64 * 1024 * 1024)))
+    p.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 30.0)))
+    p.add_argument("--fold", default=_env("fold"), help="fold this saved profile into the weights")
+    p.add_argument("--log-prompts", action="store_true", default=_env("log_prompts") in ("1", "true"))
+    p.add_argument("--log-level", default=_env("log_level", "info"))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import ServerConfig
+    from .serve import serve
+
+    cfg = ServerConfig(model=args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+                       host=args.host, port=args.port, vector_dir=args.vector_dir,
+                       max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                       max_new_tokens=args.max_new_tokens, max_upload_bytes=args.max_upload_bytes,
+                       api_key=os.environ.get("STEERSERVE_API_KEY") or None,
+                       admin_key=os.environ.get("STEERSERVE_ADMIN_KEY") or None,
+                       drain_timeout=args.drain_timeout, fold=args.fold, log_prompts=args.log_prompts)
+    serve(cfg, log_level=args.log_level)
+    return 0
+
+
+def _prepare(_args: argparse.Namespace) -> int:
+    from .model import prepare_default_model
+
+    print(prepare_default_model())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from steering_vectors import import_gguf, load_artifact
+
+    path = Path(args.file)
+    art = import_gguf(path) if path.read_bytes()[:4] == b"GGUF" else load_artifact(path)
+    norms = art.norms()
+    report = {
+        "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "kind": art.kind,
+        "method": art.method, "model_type": art.model_type, "hidden_size": art.hidden_size,
+        "num_layers": art.num_layers, "layers": art.layers, "lora_alpha": art.lora_alpha,
+        "metadata": art.extra, "norms": norms,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for key in ("file", "sha256", "kind", "method", "model_type", "hidden_size", "num_layers"):
+        print(f"{key:12} {report[key]}")
+    if art.lora_alpha is not None:
+        print(f"{'lora_alpha':12} {art.lora_alpha}")
+    print(f"{'layers':12} {art.layers}")
+    for k, v in art.extra.items():
+        print(f"{'meta.' + k:12} {v if len(v) < 200 else v[:200] + '…'}")
+    print("norms:")
+    for name, n in norms.items():
+        print(f"  {name:40} {n:.6g}")
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from steering_vectors import import_gguf, save_artifact
+
+    art = import_gguf(args.input, num_layers=args.num_layers, model_type=args.model_type)
+    sha = save_artifact(art, args.output)
+    print(f"wrote {args.output} (add, layers {art.layers}, sha256 {sha})")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from steering_vectors import export_gguf, load_artifact
+
+    result = export_gguf(load_artifact(args.input), args.output, drop_layer0=args.drop_layer0)
+    print(f"wrote {args.output} (layers {list(result.layers)}, sha256 {result.sha256})")
+    if result.dropped:
+        print(f"note: layers {list(result.dropped)} cannot be expressed in llama.cpp's numbering; dropped",
+              file=sys.stderr)
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    import httpx
+
+    key = args.admin_key or os.environ.get("STEERSERVE_ADMIN_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    path = Path(args.file)
+    data = {"name": args.name, **({"description": args.description} if args.description else {})}
+    with path.open("rb") as f:
+        resp = httpx.post(args.url.rstrip("/") + "/v1/vectors", data=data, headers=headers,
+                          files={"file": (path.name, f, "application/octet-stream")}, timeout=120)
+    print(json.dumps(resp.json(), indent=2))
+    return 0 if resp.status_code == 201 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerserve", description="Inference-time steering server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    model = sub.add_parser("model", help="manage the default model").add_subparsers(dest="action", required=True)
+    model.add_parser("prepare", help="provision the embedded default model offline; prints its path")
+    train = sub.add_parser("train", help="offline RED / RAHF training")
+    from training.cli import add_train_parser
+
+    add_train_parser(train.add_subparsers(dest="method", required=True))
+    vec = sub.add_parser("vectors", help="inspect, convert and upload artifacts").add_subparsers(
+        dest="action", required=True)
+    p = vec.add_parser("inspect", help="kind, layers, norms, metadata, sha256")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p = vec.add_parser("import-gguf", help="llama.cpp / repeng control vector -> add artifact")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--num-layers", type=int, default=None, help="layer count of the target model")
+    p.add_argument("--model-type", default=None)
+    p = vec.add_parser("export-gguf", help="add artifact -> llama.cpp control vector")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--drop-layer0", action="store_true", help="drop a layer-0 direction (llama.cpp cannot apply it)")
+    p = vec.add_parser("upload", help="upload an artifact to a running server")
+    p.add_argument("file")
+    p.add_argument("--name", required=True)
+    p.add_argument("--description", default=None)
+    p.add_argument("--url", default=_env("url", "http://127.0.0.1:8000"))
+    p.add_argument("--admin-key", default=None, help="default: $STEERSERVE_ADMIN_KEY")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    handlers = {
+        ("serve", None): _serve, ("model", "prepare"): _prepare, ("vectors", "inspect"): _inspect,
+        ("vectors", "import-gguf"): _import_gguf, ("vectors", "export-gguf"): _export_gguf,
+        ("vectors", "upload"): _upload,
+    }
+    if args.command == "train":
+        return int(args.run(args) or 0)
+    try:
+        return handlers[(args.command, getattr(args, "action", None))](args)
+    except (ValueError, OSError) as e:
+        print(f"steerserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

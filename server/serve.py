@@ -1,0 +1,50 @@
+"""Run the app under uvicorn with a draining shutdown: on SIGTERM the server keeps listening, answers new
+requests with 503, lets in-flight requests finish (up to ``drain_timeout``), then exits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+
+from .app import ServerConfig, ServerState, create_app
+
+__all__ = ["DrainingServer", "serve"]
+
+log = logging.getLogger("steerserve")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains instead of closing the listener at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.state.draining:  # a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        log.info("signal %s: draining (in-flight requests finish, new ones get 503)", sig)
+        self.state.begin_drain()
+        threading.Thread(target=self._exit_when_drained, name="steerserve-drain", daemon=True).start()
+
+    def _exit_when_drained(self) -> None:
+        deadline = time.monotonic() + self.state.config.drain_timeout
+        engine = self.state.engine
+        while engine is not None and not engine.idle() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # let the last responses flush
+        self.should_exit = True
+
+
+def serve(config: ServerConfig, *, log_level: str = "info") -> None:
+    """Serve ``config`` until a signal drains and stops it."""
+    state = ServerState(config)
+    app = create_app(state)
+    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level.lower(),
+                        timeout_graceful_shutdown=int(config.drain_timeout) + 5, access_log=False)
+    DrainingServer(uv, state).run()

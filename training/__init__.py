@@ -1,0 +1,1 @@
+"""Offline training for steerserve: RED edit vectors and RAHF preference representations."""
