@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 __all__ = [
     "FORMAT",
@@ -44,6 +43,7 @@ KINDS = ("red", "add", "lora")
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 _DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _NAME = {
     "red": re.compile(r"^layers\.(\d+)\.(scale|bias)$"),
     "add": re.compile(r"^layers\.(\d+)\.(direction)$"),
@@ -123,10 +123,25 @@ class Artifact:
         return meta
 
     def to_bytes(self) -> bytes:
-        """Serialise to safetensors bytes (and set ``sha256`` to their hash)."""
-        data = st_save(
-            {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, metadata=self.metadata()
-        )
+        """Serialise to safetensors bytes (and set ``sha256`` to their hash).
+
+        The header is written with sorted keys, so equal artifacts give equal bytes and equal versions.
+        """
+        header: dict[str, object] = {"__metadata__": dict(sorted(self.metadata().items()))}
+        blobs, offset = [], 0
+        for name in sorted(self.tensors):
+            t = self.tensors[name].detach().contiguous().cpu()
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            header[name] = {
+                "dtype": _ST_DTYPE[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + len(raw)],
+            }
+            blobs.append(raw)
+            offset += len(raw)
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # safetensors aligns the data section to 8 bytes
+        data = struct.pack("<Q", len(head)) + head + b"".join(blobs)
         self.sha256 = hashlib.sha256(data).hexdigest()
         return data
 

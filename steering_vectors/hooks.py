@@ -56,6 +56,10 @@ class _Batch:
     ffn: frozenset[int] = frozenset()
     resid: frozenset[int] = frozenset()
     lora: frozenset[tuple[int, str]] = frozenset()
+    # when idx is per row ([B, 1]) the tables are gathered once for all layers: [L, B, 1, d]
+    ffn_s: torch.Tensor | None = None
+    ffn_b: torch.Tensor | None = None
+    resid_b: torch.Tensor | None = None
 
 
 @dataclass
@@ -248,13 +252,19 @@ class SteeringHooks:
                 idx = idx + generated.to(self.device, torch.long)  # [B, T]
             elif generated:
                 idx = idx + 1
-        self._batch = _Batch(
+        batch = _Batch(
             rows=rows,
             idx=idx,
             ffn=frozenset().union(*(i.ffn for i in infos)),
             resid=frozenset().union(*(i.resid for i in infos)),
             lora=frozenset().union(*(i.lora for i in infos)),
         )
+        if idx.shape[1] == 1:  # one gather per table for the whole forward pass
+            if batch.ffn:
+                batch.ffn_s, batch.ffn_b = self._ffn_s[:, idx], self._ffn_b[:, idx]  # [L, B, 1, d]
+            if batch.resid:
+                batch.resid_b = self._resid_b[:, idx]  # [L, B, 1, d]
+        self._batch = batch
 
     def clear_batch(self) -> None:
         self._batch = None
@@ -265,17 +275,18 @@ class SteeringHooks:
             b = self._batch
             if b is None or layer not in b.ffn:
                 return None
-            s = self._ffn_s[layer][b.idx]  # [B, 1|T, d]
-            return out * s + self._ffn_b[layer][b.idx]  # [B, T, d]
+            if b.ffn_s is not None and b.ffn_b is not None:
+                return out * b.ffn_s[layer] + b.ffn_b[layer]  # [B, T, d] * [B, 1, d] + [B, 1, d]
+            return out * self._ffn_s[layer][b.idx] + self._ffn_b[layer][b.idx]  # gathers: [B, T, d]
 
         return hook
 
     def _resid_hook(self, layer: int):
-        def hook(_mod: nn.Module, _args: tuple, out):  # noqa: ANN202 - tensor or tuple, as the block returns
+        def hook(_mod: nn.Module, _args: tuple, out):  # tensor or tuple, as the block returns
             b = self._batch
             if b is None or layer not in b.resid:
                 return None
-            v = self._resid_b[layer][b.idx]  # [B, 1|T, d]
+            v = b.resid_b[layer] if b.resid_b is not None else self._resid_b[layer][b.idx]  # [B, 1|T, d]
             if isinstance(out, tuple):
                 return (out[0] + v, *out[1:])
             return out + v

@@ -40,13 +40,13 @@ __all__ = [
 
 POSITIONS = ("all", "prompt", "generated")
 MAX_VECTORS = 16
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_PIN_RE = re.compile(r"^[0-9a-f]{4,64}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_PIN_RE = re.compile(r"[0-9a-f]{4,64}")
 
 
 def check_name(name: str) -> str:
     """Validate a vector or profile name: 1-64 characters of ``[A-Za-z0-9_.-]``, starting alphanumeric."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid name {name!r}: use 1-64 characters A-Z a-z 0-9 _ . - starting with a letter or digit"
         )
@@ -65,7 +65,7 @@ class VectorRef:
     def __post_init__(self) -> None:
         base, _, pin = self.name.partition("@")
         check_name(base)
-        if "@" in self.name and not _PIN_RE.match(pin):
+        if "@" in self.name and not _PIN_RE.fullmatch(pin):
             raise ValueError(f"invalid version pin in {self.name!r}: expected @<4-64 lowercase hex digits>")
         if (
             isinstance(self.strength, bool)

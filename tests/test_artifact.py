@@ -35,8 +35,14 @@ class _Canary:
 
 
 def _meta(**over):
-    meta = {"format": "steerserve.v1", "kind": "add", "model_type": "llama", "hidden_size": "4",
-            "num_layers": "2", "method": "mean-diff"}
+    meta = {
+        "format": "steerserve.v1",
+        "kind": "add",
+        "model_type": "llama",
+        "hidden_size": "4",
+        "num_layers": "2",
+        "method": "mean-diff",
+    }
     meta.update(over)
     return {k: v for k, v in meta.items() if v is not None}
 
@@ -63,6 +69,15 @@ def test_round_trip_and_version(tmp_path, model, make):
     assert back.tensors.keys() == art.tensors.keys()
     assert all(torch.equal(back.tensors[k], art.tensors[k]) for k in art.tensors)
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temp file
+
+
+def test_serialisation_is_deterministic(model):
+    art = lora_artifact(model)
+    art.extra.update(description="d", training='{"lr": 0.02}', metrics='{"loss": 1.0}', base_model="x")
+    data = art.to_bytes()
+    assert all(art.to_bytes() == data for _ in range(5))
+    back = parse_artifact(data)
+    assert back.sha256 == art.sha256 and back.to_bytes() == data
 
 
 def test_bf16_and_fp16_are_accepted():
@@ -102,10 +117,21 @@ def test_pickle_is_rejected_and_never_executed():
         (_st({"layers.0.scale": torch.ones(4)}), "not valid for kind 'add'"),
         (_st({"layers.0.scale": torch.ones(4)}, kind="red"), "has no bias"),
         (_st({"layers.0.q_proj.lora_A": torch.ones(2, 4)}, kind="lora", lora_alpha="4"), "lora_B"),
-        (_st({"layers.0.q_proj.lora_A": torch.ones(2, 4), "layers.0.q_proj.lora_B": torch.ones(4, 3)},
-             kind="lora", lora_alpha="4"), "rank mismatch"),
-        (_st({"layers.0.q_proj.lora_A": torch.ones(2, 4), "layers.0.q_proj.lora_B": torch.ones(4, 2)},
-             kind="lora"), "lora_alpha"),
+        (
+            _st(
+                {"layers.0.q_proj.lora_A": torch.ones(2, 4), "layers.0.q_proj.lora_B": torch.ones(4, 3)},
+                kind="lora",
+                lora_alpha="4",
+            ),
+            "rank mismatch",
+        ),
+        (
+            _st(
+                {"layers.0.q_proj.lora_A": torch.ones(2, 4), "layers.0.q_proj.lora_B": torch.ones(4, 2)},
+                kind="lora",
+            ),
+            "lora_alpha",
+        ),
         (_st({"layers.0.direction": torch.ones(4)}, format=None), "format"),
         (_st({"layers.0.direction": torch.ones(4)}, hidden_size=None), "missing 'hidden_size'"),
         (_st({"layers.0.direction": torch.ones(4)}, num_layers="ten"), "not numbers"),
@@ -129,8 +155,12 @@ def test_size_cap_before_parsing(tmp_path):
 
 
 def test_header_offsets_past_end_are_truncation():
-    header = json.dumps({"layers.0.direction": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-                         "__metadata__": _meta()}).encode()
+    header = json.dumps(
+        {
+            "layers.0.direction": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "__metadata__": _meta(),
+        }
+    ).encode()
     data = struct.pack("<Q", len(header)) + header + b"\x00" * 8
     with pytest.raises(ArtifactError, match="truncated"):
         parse_artifact(data)
@@ -138,22 +168,46 @@ def test_header_offsets_past_end_are_truncation():
 
 def test_model_mismatch_is_incompatible(model):
     layout = find_layout(model)
-    art = Artifact(kind="add", tensors={"layers.0.direction": torch.ones(32)}, hidden_size=32, num_layers=2,
-                   model_type="llama", method="mean-diff")
+    art = Artifact(
+        kind="add",
+        tensors={"layers.0.direction": torch.ones(32)},
+        hidden_size=32,
+        num_layers=2,
+        model_type="llama",
+        method="mean-diff",
+    )
     with pytest.raises(IncompatibleArtifactError, match="hidden_size 32 does not fit.* 64"):
         art.check_compatible(hidden_size=64, num_layers=2)
-    art = Artifact(kind="add", tensors={"layers.0.direction": torch.ones(64)}, hidden_size=64, num_layers=3,
-                   model_type="llama", method="mean-diff")
+    art = Artifact(
+        kind="add",
+        tensors={"layers.0.direction": torch.ones(64)},
+        hidden_size=64,
+        num_layers=3,
+        model_type="llama",
+        method="mean-diff",
+    )
     with pytest.raises(IncompatibleArtifactError, match="num_layers 3"):
         art.check_compatible(hidden_size=64, num_layers=2)
-    lora = Artifact(kind="lora", tensors={"layers.0.q_proj.lora_A": torch.ones(2, 64),
-                                          "layers.0.q_proj.lora_B": torch.ones(7, 2)},
-                    hidden_size=64, num_layers=2, model_type="llama", method="rahf-scit", lora_alpha=4.0)
+    lora = Artifact(
+        kind="lora",
+        tensors={"layers.0.q_proj.lora_A": torch.ones(2, 64), "layers.0.q_proj.lora_B": torch.ones(7, 2)},
+        hidden_size=64,
+        num_layers=2,
+        model_type="llama",
+        method="rahf-scit",
+        lora_alpha=4.0,
+    )
     with pytest.raises(IncompatibleArtifactError, match="64->7"):
         lora.check_compatible(hidden_size=64, num_layers=2, linear_shapes=layout.linear_shapes())
-    lora = Artifact(kind="lora", tensors={"layers.0.nope.lora_A": torch.ones(2, 64),
-                                          "layers.0.nope.lora_B": torch.ones(64, 2)},
-                    hidden_size=64, num_layers=2, model_type="llama", method="rahf-scit", lora_alpha=4.0)
+    lora = Artifact(
+        kind="lora",
+        tensors={"layers.0.nope.lora_A": torch.ones(2, 64), "layers.0.nope.lora_B": torch.ones(64, 2)},
+        hidden_size=64,
+        num_layers=2,
+        model_type="llama",
+        method="rahf-scit",
+        lora_alpha=4.0,
+    )
     with pytest.raises(IncompatibleArtifactError, match="not a linear"):
         lora.check_compatible(hidden_size=64, num_layers=2, linear_shapes=layout.linear_shapes())
     lora_artifact(model).check_compatible(hidden_size=64, num_layers=2, linear_shapes=layout.linear_shapes())

@@ -28,8 +28,9 @@ SEQS = [[5, 17, 300, 42, 9, 1000, 77], [8, 9], [100, 200, 300, 400], [7, 7, 7, 7
 def compiled(model, *pairs):
     """compile_profile for (artifact, VectorRef-kwargs) pairs."""
     entries = [(VectorRef(name=f"v{i}", **kw), art) for i, (art, kw) in enumerate(pairs)]
-    return compile_profile(entries, num_layers=model.config.num_hidden_layers,
-                           hidden_size=model.config.hidden_size)
+    return compile_profile(
+        entries, num_layers=model.config.num_hidden_layers, hidden_size=model.config.hidden_size
+    )
 
 
 class _RedRef(nn.Module):
@@ -116,17 +117,23 @@ def test_strength_zero_and_empty_profile_are_bitwise_unsteered():
 
 def test_isolation_solo_and_padding():
     model = tiny_llama()
-    arts = [red_artifact(model, seed=11), add_artifact(model, seed=12), lora_artifact(model, seed=13),
-            red_artifact(model, seed=14, layers=[1])]
+    arts = [
+        red_artifact(model, seed=11),
+        add_artifact(model, seed=12),
+        lora_artifact(model, seed=13),
+        red_artifact(model, seed=14, layers=[1]),
+    ]
     with steering(model) as hooks:
         profiles = [
             hooks.acquire(compiled(model, (arts[0], {}), (arts[1], {"strength": 0.7}))),
             hooks.acquire(compiled(model, (arts[2], {}))),
             hooks.acquire(compiled(model, (arts[3], {}), (arts[2], {"strength": -1.0}), (arts[1], {}))),
         ]
-        layouts = [[profiles[0], 0, profiles[1], profiles[2]],
-                   [profiles[0], profiles[2], 0, profiles[1]],
-                   [profiles[0], profiles[1], profiles[2], 0]]
+        layouts = [
+            [profiles[0], 0, profiles[1], profiles[2]],
+            [profiles[0], profiles[2], 0, profiles[1]],
+            [profiles[0], profiles[1], profiles[2], 0],
+        ]
         outs = []
         for slots in layouts:
             with hooks.batch(slots):
@@ -135,7 +142,7 @@ def test_isolation_solo_and_padding():
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][0], outs[2][0])
         # each row against the same row run alone: within 1e-4 and the same greedy tokens
         ids, mask, _ = left_pad(SEQS)
-        for slots, out in zip(layouts, outs):
+        for slots, out in zip(layouts, outs, strict=False):
             for i, seq in enumerate(SEQS):
                 with hooks.batch([slots[i]]):
                     solo = padded_logits(model, [seq])[0]
@@ -189,9 +196,15 @@ def test_lora_per_row_equals_merged_weights():
     merged = copy.deepcopy(model)
     with torch.no_grad():
         for layer, block in enumerate(merged.model.layers):
-            for name, lin in (("q_proj", block.self_attn.q_proj), ("v_proj", block.self_attn.v_proj),
-                              ("down_proj", block.mlp.down_proj)):
-                a, b = art.tensors[f"layers.{layer}.{name}.lora_A"], art.tensors[f"layers.{layer}.{name}.lora_B"]
+            for name, lin in (
+                ("q_proj", block.self_attn.q_proj),
+                ("v_proj", block.self_attn.v_proj),
+                ("down_proj", block.mlp.down_proj),
+            ):
+                a, b = (
+                    art.tensors[f"layers.{layer}.{name}.lora_A"],
+                    art.tensors[f"layers.{layer}.{name}.lora_B"],
+                )
                 lin.weight += w * art.lora_alpha / a.shape[0] * (b @ a)
     expected = padded_logits(merged, SEQS)
     base = padded_logits(model, SEQS)
@@ -276,6 +289,9 @@ def test_profile_validation_messages():
         VectorRef(name="../etc/passwd")
     with pytest.raises(ValueError, match="version pin"):
         VectorRef(name="x@XYZ")
+    for bad in ("x\n", "x\n@abcd", "x@abcd\n", "", "a" * 65, "x/y", "x\x00"):
+        with pytest.raises(ValueError):
+            VectorRef(name=bad)
     with pytest.raises(ValueError, match="at most"):
         Profile.from_dict({"vectors": [{"name": f"v{i}"} for i in range(17)]})
     model = tiny_llama()
@@ -287,8 +303,15 @@ def test_profile_validation_messages():
 def test_layout_found_by_structure(family):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(vocab_size=128, num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    kw = dict(
+        vocab_size=128,
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     if family == "gpt2":
         kw = dict(vocab_size=128, n_layer=2, n_embd=32, n_head=4)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw)).eval()
