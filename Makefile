@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean system-deps
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,7 +29,19 @@ serve: install
 	$(VENV)/bin/steerserve model prepare
 	$(VENV)/bin/steerserve serve --host $(HOST) --port $(PORT) --quantization auto
 
-test: install
+# Debian packages the tests use: a real Prometheus server and promtool, curl for the README examples.
+system-deps:
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 \
+	    || ! command -v curl >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+				prometheus curl; \
+		else \
+			echo "warning: install Debian's prometheus and curl packages for the full test suite" >&2; \
+		fi; \
+	fi
+
+test: install system-deps
 	$(VENV)/bin/ruff check server steering_vectors training tests bench
 	$(PY) -m pytest -q -ra tests
 

@@ -28,12 +28,28 @@ def _vectors(model) -> list[Artifact]:
     cfg = model.config
     d, n, mt = cfg.hidden_size, cfg.num_hidden_layers, cfg.model_type
     g = torch.Generator().manual_seed(0)
-    red = Artifact(kind="red", model_type=mt, hidden_size=d, num_layers=n, method="red", tensors={
-        **{f"layers.{i}.scale": 1 + 0.01 * torch.randn(d, generator=g) for i in range(n)},
-        **{f"layers.{i}.bias": 0.01 * torch.randn(d, generator=g) for i in range(n)}})
-    adds = [Artifact(kind="add", model_type=mt, hidden_size=d, num_layers=n, method="mean-diff",
-                     tensors={f"layers.{i}.direction": 0.05 * torch.randn(d, generator=g) for i in range(n)})
-            for _ in range(2)]
+    red = Artifact(
+        kind="red",
+        model_type=mt,
+        hidden_size=d,
+        num_layers=n,
+        method="red",
+        tensors={
+            **{f"layers.{i}.scale": 1 + 0.01 * torch.randn(d, generator=g) for i in range(n)},
+            **{f"layers.{i}.bias": 0.01 * torch.randn(d, generator=g) for i in range(n)},
+        },
+    )
+    adds = [
+        Artifact(
+            kind="add",
+            model_type=mt,
+            hidden_size=d,
+            num_layers=n,
+            method="mean-diff",
+            tensors={f"layers.{i}.direction": 0.05 * torch.randn(d, generator=g) for i in range(n)},
+        )
+        for _ in range(2)
+    ]
     return [red, *adds]
 
 
@@ -65,8 +81,11 @@ def main() -> None:
     model, tok = loaded.model, loaded.tokenizer
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 3)] * args.batch)
     cfg = model.config
-    profile = compile_profile([(VectorRef(name=f"v{i}"), a) for i, a in enumerate(_vectors(model))],
-                              num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size)
+    profile = compile_profile(
+        [(VectorRef(name=f"v{i}"), a) for i, a in enumerate(_vectors(model))],
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+    )
     times: dict[str, list[float]] = {"none": [], "idle": [], "steered": []}
     decode_seconds(model, ids, 4)  # warm-up
     for _ in range(args.rounds):
@@ -79,13 +98,20 @@ def main() -> None:
         hooks.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "model": loaded.model_id, "quantization": loaded.quantization, "dtype": str(loaded.dtype),
-        "batch": args.batch, "rounds": args.rounds, "steps": args.steps,
+        "model": loaded.model_id,
+        "quantization": loaded.quantization,
+        "dtype": str(loaded.dtype),
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "steps": args.steps,
         "median_step_ms": {k: 1000 * v for k, v in med.items()},
-        "idle_overhead": med["idle"] / med["none"] - 1, "steered_overhead": med["steered"] / med["none"] - 1,
+        "idle_overhead": med["idle"] / med["none"] - 1,
+        "steered_overhead": med["steered"] / med["none"] - 1,
     }
-    print(f"model {loaded.model_id} ({loaded.quantization}, {loaded.dtype}), batch {args.batch}, "
-          f"{args.rounds} rounds x {args.steps} decode steps, medians")
+    print(
+        f"model {loaded.model_id} ({loaded.quantization}, {loaded.dtype}), batch {args.batch}, "
+        f"{args.rounds} rounds x {args.steps} decode steps, medians"
+    )
     for k in times:
         print(f"  {k:8} {1000 * med[k]:8.3f} ms/step   ratio to none {med[k] / med['none']:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

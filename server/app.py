@@ -35,7 +35,14 @@ from steering_vectors import (
 )
 from steering_vectors.profile import check_name
 
-from .engine import ContextLengthError, DrainingError, Engine, GenerationResult, QueueFullError, SamplingParams
+from .engine import (
+    ContextLengthError,
+    DrainingError,
+    Engine,
+    GenerationResult,
+    QueueFullError,
+    SamplingParams,
+)
 from .metrics import Metrics
 from .model import LoadedModel, load_model
 from .schemas import (
@@ -111,23 +118,39 @@ class ServerState:
     def load(self, loaded: LoadedModel | None = None) -> None:
         """Load the model (unless given), install the hooks, open the store, start the engine."""
         cfg = self.config
-        loaded = loaded or load_model(cfg.model, quantization=cfg.quantization, dtype=cfg.dtype,
-                                      device=cfg.device)
+        loaded = loaded or load_model(
+            cfg.model, quantization=cfg.quantization, dtype=cfg.dtype, device=cfg.device
+        )
         hooks = install_steering(loaded.model, max_slots=max(2 * cfg.max_batch_size + 1, 16))
         layout = hooks.layout
-        store = VectorStore(cfg.vector_dir, hidden_size=layout.hidden_size, num_layers=layout.num_layers,
-                            model_type=layout.model_type, linear_shapes=layout.linear_shapes(),
-                            max_bytes=cfg.max_upload_bytes)
+        store = VectorStore(
+            cfg.vector_dir,
+            hidden_size=layout.hidden_size,
+            num_layers=layout.num_layers,
+            model_type=layout.model_type,
+            linear_shapes=layout.linear_shapes(),
+            max_bytes=cfg.max_upload_bytes,
+        )
         if cfg.fold:
             self.folded = store.compile(store.get_profile(cfg.fold))
             fold_profile(loaded.model, self.folded)
-        self.metrics.set_model_info(model=loaded.model_id, quantization=loaded.quantization,
-                                    device=str(loaded.device), dtype=str(loaded.dtype).replace("torch.", ""))
+        self.metrics.set_model_info(
+            model=loaded.model_id,
+            quantization=loaded.quantization,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).replace("torch.", ""),
+        )
         self.metrics.set_vectors_loaded(len(store))
         self.loaded, self.store = loaded, store
-        self.engine = Engine(loaded.model, loaded.tokenizer, hooks, max_batch_size=cfg.max_batch_size,
-                             max_queue=cfg.max_queue, max_new_tokens_cap=cfg.max_new_tokens,
-                             observer=self.metrics).start()
+        self.engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            hooks,
+            max_batch_size=cfg.max_batch_size,
+            max_queue=cfg.max_queue,
+            max_new_tokens_cap=cfg.max_new_tokens,
+            observer=self.metrics,
+        ).start()
 
     def load_in_background(self) -> None:
         def run() -> None:
@@ -156,15 +179,20 @@ class ServerState:
 
 # ---- errors, once -------------------------------------------------------------------------------------
 def _error(status: int, message: str, etype: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": etype, "code": status}}, status_code=status,
-                        headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": etype, "code": status}}, status_code=status, headers=headers
+    )
 
 
 def _classify(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
     """(status, error type, reject reason, headers) for an exception raised by a route."""
     if isinstance(exc, AuthError):
-        return exc.status, "authentication_error" if exc.status == 401 else "permission_error", \
-            "unauthorized", None
+        return (
+            exc.status,
+            "authentication_error" if exc.status == 401 else "permission_error",
+            "unauthorized" if exc.status == 401 else "forbidden",
+            None,
+        )
     if isinstance(exc, (BodyTooLargeError, ArtifactTooLargeError)):
         return 413, "request_too_large", "too_large", None
     if isinstance(exc, QueueFullError):
@@ -172,7 +200,7 @@ def _classify(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
     if isinstance(exc, DrainingError):
         return 503, "unavailable", "draining", {"Retry-After": "5"}
     if isinstance(exc, NotReadyError):
-        return 503, "unavailable", "other", {"Retry-After": "5"}
+        return 503, "unavailable", "not_ready", {"Retry-After": "5"}
     if isinstance(exc, (UnknownVectorError, UnknownProfileError)):
         return 404, "not_found", "not_found", None
     if isinstance(exc, IncompatibleArtifactError):
@@ -201,13 +229,22 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         return _error(422, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error")
 
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
+        return _error(
+            exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error"
+        )
 
     app.add_exception_handler(Exception, handle)
     app.add_exception_handler(RequestValidationError, validation)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
-    for cls in (AuthError, BodyTooLargeError, ValueError, KeyError, QueueFullError, DrainingError,
-                NotReadyError):
+    for cls in (
+        AuthError,
+        BodyTooLargeError,
+        ValueError,
+        KeyError,
+        QueueFullError,
+        DrainingError,
+        NotReadyError,
+    ):
         app.add_exception_handler(cls, handle)
 
 
@@ -218,8 +255,12 @@ class _EdgeMiddleware:
     def __init__(self, app: Callable[..., Awaitable[None]], state: ServerState) -> None:
         self.app, self.state = app, state
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
-                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -259,8 +300,9 @@ class _EdgeMiddleware:
             self._record(scope, status["code"], start)
 
     @staticmethod
-    async def _read_body(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
-                         limit: int) -> bytes:
+    async def _read_body(
+        scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], limit: int
+    ) -> bytes:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -334,8 +376,9 @@ def _check_admin(state: ServerState, request: Request) -> None:
 
 
 # ---- steering and generation helpers --------------------------------------------------------------------
-def _resolve_steering(store: VectorStore, steering: str | SteeringBody | None,
-                      profile_from_model: str | None = None) -> Profile | None:
+def _resolve_steering(
+    store: VectorStore, steering: str | SteeringBody | None, profile_from_model: str | None = None
+) -> Profile | None:
     if isinstance(steering, str):
         return store.get_profile(steering)
     if steering is not None:
@@ -348,15 +391,19 @@ def _resolve_steering(store: VectorStore, steering: str | SteeringBody | None,
 def _compile(state: ServerState, store: VectorStore, profile: Profile | None) -> CompiledProfile:
     layout = state.engine.hooks.layout if state.engine and state.engine.hooks else None
     if profile is None or not profile.vectors:
-        return compile_profile([], num_layers=layout.num_layers if layout else 0,
-                               hidden_size=layout.hidden_size if layout else 0)
+        return compile_profile(
+            [], num_layers=layout.num_layers if layout else 0, hidden_size=layout.hidden_size if layout else 0
+        )
     return store.compile(profile)
 
 
 def _steering_block(compiled: CompiledProfile) -> dict[str, Any]:
-    return {"fingerprint": compiled.fingerprint,
-            "vectors": [{"name": r["name"], "sha256": r["sha256"], "strength": r["strength"]}
-                        for r in compiled.resolved]}
+    return {
+        "fingerprint": compiled.fingerprint,
+        "vectors": [
+            {"name": r["name"], "sha256": r["sha256"], "strength": r["strength"]} for r in compiled.resolved
+        ],
+    }
 
 
 def _sampling(body: Any, max_new_tokens: int, default_temperature: float) -> SamplingParams:
@@ -365,7 +412,11 @@ def _sampling(body: Any, max_new_tokens: int, default_temperature: float) -> Sam
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=default_temperature if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, seed=body.seed, stop=stops)
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        seed=body.seed,
+        stop=stops,
+    )
 
 
 def _chat_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
@@ -393,13 +444,25 @@ def _sse(data: Any) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-def _log_request(state: ServerState, route: str, handle_id: str, compiled: CompiledProfile,
-                 result: GenerationResult, prompt: str | None) -> None:
+def _log_request(
+    state: ServerState,
+    route: str,
+    handle_id: str,
+    compiled: CompiledProfile,
+    result: GenerationResult,
+    prompt: str | None,
+) -> None:
     record: dict[str, Any] = {
-        "event": "request", "id": handle_id, "route": route, "fingerprint": compiled.fingerprint,
-        "vectors": [r["name"] for r in compiled.resolved], "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
-        "ttft_s": round(result.timings.get("ttft", 0.0), 6), "total_s": round(result.timings.get("total", 0.0), 6),
+        "event": "request",
+        "id": handle_id,
+        "route": route,
+        "fingerprint": compiled.fingerprint,
+        "vectors": [r["name"] for r in compiled.resolved],
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "finish_reason": result.finish_reason,
+        "ttft_s": round(result.timings.get("ttft", 0.0), 6),
+        "total_s": round(result.timings.get("total", 0.0), 6),
     }
     if state.config.log_prompts and prompt is not None:
         record["prompt"] = prompt
@@ -418,8 +481,12 @@ def create_app(state: ServerState) -> FastAPI:
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop, state.config.drain_timeout)
 
-    app = FastAPI(title="steerserve", version="0.1.0", lifespan=lifespan,
-                  description="Inference-time steering server: RED, RAHF vectors and LoRA per request.")
+    app = FastAPI(
+        title="steerserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Inference-time steering server: RED, RAHF vectors and LoRA per request.",
+    )
     _install_error_handlers(app, state)
     app.add_middleware(_EdgeMiddleware, state=state)  # type: ignore[arg-type]
 
@@ -431,14 +498,25 @@ def create_app(state: ServerState) -> FastAPI:
         _check_admin(state, request)
         return state.require_engine()
 
-    async def generate_common(request: Request, route: str, prompt_ids: list[int], params: SamplingParams,
-                              compiled: CompiledProfile, stream: bool, prompt_text: str | None,
-                              render: Callable[[GenerationResult, dict[str, Any]], dict[str, Any]],
-                              render_chunk: Callable[[str, str | None, dict[str, Any] | None], list[Any]]
-                              ) -> Response:
+    async def generate_common(
+        request: Request,
+        route: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        compiled: CompiledProfile,
+        stream: bool,
+        prompt_text: str | None,
+        render: Callable[[GenerationResult, dict[str, Any]], dict[str, Any]],
+        render_chunk: Callable[[str, str | None, dict[str, Any] | None], list[Any]],
+    ) -> Response:
         engine, _, _ = state.require_engine()
-        handle = engine.submit(prompt_ids, params, compiled, loop=asyncio.get_running_loop(),
-                               request_id=f"req-{uuid.uuid4().hex[:16]}")
+        handle = engine.submit(
+            prompt_ids,
+            params,
+            compiled,
+            loop=asyncio.get_running_loop(),
+            request_id=f"req-{uuid.uuid4().hex[:16]}",
+        )
         state.metrics.steered(r["name"] for r in compiled.resolved)
         steer = _steering_block(compiled)
         if not stream:
@@ -453,10 +531,18 @@ def create_app(state: ServerState) -> FastAPI:
                     parts.append(ev.text)
                     usage = None
                     if ev.finish_reason is not None:
-                        usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-                        result = GenerationResult("".join(parts), ev.finish_reason, ev.prompt_tokens,
-                                                  ev.completion_tokens, dict(handle.timings))
+                        usage = {
+                            "prompt_tokens": ev.prompt_tokens,
+                            "completion_tokens": ev.completion_tokens,
+                            "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+                        }
+                        result = GenerationResult(
+                            "".join(parts),
+                            ev.finish_reason,
+                            ev.prompt_tokens,
+                            ev.completion_tokens,
+                            dict(handle.timings),
+                        )
                         _log_request(state, route, handle.id, compiled, result, prompt_text)
                     for chunk in render_chunk(ev.text, ev.finish_reason, usage):
                         yield _sse(chunk)
@@ -464,8 +550,11 @@ def create_app(state: ServerState) -> FastAPI:
             finally:
                 handle.cancel()  # no-op when finished; frees the row when the client went away
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     # -- health ------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -491,15 +580,21 @@ def create_app(state: ServerState) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         tok = loaded.tokenizer
-        ids = tok.encode(body.prompt, add_special_tokens=False) if body.prompt is not None \
+        ids = (
+            tok.encode(body.prompt, add_special_tokens=False)
+            if body.prompt is not None
             else _chat_ids(tok, body.messages or [])
+        )
         compiled = _compile(state, store, _resolve_steering(store, body.steering))
         params = _sampling(body, body.max_new_tokens, 0.0)
 
         def render(r: GenerationResult, steer: dict[str, Any]) -> dict[str, Any]:
-            return {"text": r.text, "finish_reason": r.finish_reason,
-                    "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
-                    "steering": steer}
+            return {
+                "text": r.text,
+                "finish_reason": r.finish_reason,
+                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
+                "steering": steer,
+            }
 
         steer = _steering_block(compiled)
 
@@ -509,16 +604,18 @@ def create_app(state: ServerState) -> FastAPI:
             usage = {k: v for k, v in (usage or {}).items() if k != "total_tokens"}
             return [{"text": text, "finish_reason": finish, "usage": usage, "steering": steer}]
 
-        return await generate_common(request, "/generate", ids, params, compiled, body.stream, body.prompt,
-                                     render, chunk)
+        return await generate_common(
+            request, "/generate", ids, params, compiled, body.stream, body.prompt, render, chunk
+        )
 
     def _openai_profile(store: VectorStore, loaded: LoadedModel, model: str | None) -> str | None:
         if model is None or model == loaded.model_id:
             return None
         if store.has_profile(model):
             return model
-        raise UnknownProfileError(f"model {model!r} is neither the served model {loaded.model_id!r} "
-                                  "nor a saved profile")
+        raise UnknownProfileError(
+            f"model {model!r} is neither the served model {loaded.model_id!r} nor a saved profile"
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -526,19 +623,34 @@ def create_app(state: ServerState) -> FastAPI:
         if body.n != 1:
             raise ValueError("only n=1 is supported")
         ids = _chat_ids(loaded.tokenizer, body.messages)
-        compiled = _compile(state, store, _resolve_steering(store, body.steering,
-                                                             _openai_profile(store, loaded, body.model)))
+        compiled = _compile(
+            state, store, _resolve_steering(store, body.steering, _openai_profile(store, loaded, body.model))
+        )
         params = _sampling(body, body.max_completion_tokens or body.max_tokens or 256, 1.0)
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or loaded.model_id
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
         def render(r: GenerationResult, steer: dict[str, Any]) -> dict[str, Any]:
-            return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                                 "finish_reason": r.finish_reason, "logprobs": None}],
-                    "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                              "total_tokens": r.prompt_tokens + r.completion_tokens},
-                    "steering": steer}
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": r.text},
+                        "finish_reason": r.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "total_tokens": r.prompt_tokens + r.completion_tokens,
+                },
+                "steering": steer,
+            }
 
         first = {"sent": False}
 
@@ -548,16 +660,18 @@ def create_app(state: ServerState) -> FastAPI:
             if not first["sent"]:
                 delta["role"] = "assistant"
                 first["sent"] = True
-            out: list[Any] = [{**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                    "logprobs": None}]}]
+            out: list[Any] = [
+                {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            ]
             if finish is not None:
                 out[0]["steering"] = _steering_block(compiled)
                 if include_usage:
                     out.append({**base, "choices": [], "usage": usage})
             return out
 
-        return await generate_common(request, "/v1/chat/completions", ids, params, compiled, body.stream,
-                                     None, render, chunk)
+        return await generate_common(
+            request, "/v1/chat/completions", ids, params, compiled, body.stream, None, render, chunk
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -570,52 +684,79 @@ def create_app(state: ServerState) -> FastAPI:
                 raise ValueError("only a single prompt per request is supported")
             prompt = prompt[0]
         ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
-        compiled = _compile(state, store, _resolve_steering(store, body.steering,
-                                                             _openai_profile(store, loaded, body.model)))
+        compiled = _compile(
+            state, store, _resolve_steering(store, body.steering, _openai_profile(store, loaded, body.model))
+        )
         params = _sampling(body, body.max_tokens or 16, 1.0)
         cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or loaded.model_id
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         echo = prompt if body.echo else ""
 
         def render(r: GenerationResult, steer: dict[str, Any]) -> dict[str, Any]:
-            return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": echo + r.text, "finish_reason": r.finish_reason,
-                                 "logprobs": None}],
-                    "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                              "total_tokens": r.prompt_tokens + r.completion_tokens},
-                    "steering": steer}
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {"index": 0, "text": echo + r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                ],
+                "usage": {
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "total_tokens": r.prompt_tokens + r.completion_tokens,
+                },
+                "steering": steer,
+            }
 
         def chunk(text: str, finish: str | None, usage: dict[str, Any] | None) -> list[Any]:
             base = {"id": cid, "object": "text_completion", "created": created, "model": model}
-            out: list[Any] = [{**base, "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                                                    "logprobs": None}]}]
+            out: list[Any] = [
+                {**base, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            ]
             if finish is not None:
                 out[0]["steering"] = _steering_block(compiled)
                 if include_usage:
                     out.append({**base, "choices": [], "usage": usage})
             return out
 
-        return await generate_common(request, "/v1/completions", ids, params, compiled, body.stream, prompt,
-                                     render, chunk)
+        return await generate_common(
+            request, "/v1/completions", ids, params, compiled, body.stream, prompt, render, chunk
+        )
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         _, store, loaded = api(request)
         created = int(time.time())
-        data = [{"id": loaded.model_id, "object": "model", "created": created, "owned_by": "steerserve",
-                 "quantization": loaded.quantization}]
-        data += [{"id": name, "object": "model", "created": created, "owned_by": "steerserve",
-                  "parent": loaded.model_id, "steering": p.to_dict()}
-                 for name, p in sorted(store.list_profiles().items())]
+        data = [
+            {
+                "id": loaded.model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "steerserve",
+                "quantization": loaded.quantization,
+            }
+        ]
+        data += [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "steerserve",
+                "parent": loaded.model_id,
+                "steering": p.to_dict(),
+            }
+            for name, p in sorted(store.list_profiles().items())
+        ]
         return {"object": "list", "data": data}
 
-    # -- vectors ----------------------------------------------------------------------------------------------
+    # -- vectors ---------------------------------------------------------------------------------------
     @app.post("/v1/vectors", status_code=201)
     async def upload_vector(request: Request) -> JSONResponse:
         try:
             _, store, _ = admin(request)
-        except AuthError:
-            state.metrics.upload("unauthorized")
+        except AuthError as e:
+            state.metrics.upload("unauthorized" if e.status == 401 else "forbidden")
             raise
         try:
             form = await request.form(max_files=1, max_fields=8)
@@ -630,8 +771,13 @@ def create_app(state: ServerState) -> FastAPI:
                 raise ValueError("multipart field 'name' is required")
             check_name(name)
             data = await upload.read()
-            info = await asyncio.to_thread(store.add, name, data, filename=upload.filename or "",
-                                           description=description if isinstance(description, str) else None)
+            info = await asyncio.to_thread(
+                store.add,
+                name,
+                data,
+                filename=upload.filename or "",
+                description=description if isinstance(description, str) else None,
+            )
         except ArtifactTooLargeError:
             state.metrics.upload("too_large")
             raise
@@ -663,7 +809,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.metrics.set_vectors_loaded(len(store))
         return {"deleted": name}
 
-    # -- profiles ----------------------------------------------------------------------------------------------
+    # -- profiles --------------------------------------------------------------------------------------
     @app.put("/v1/profiles/{name}")
     async def put_profile(name: str, body: ProfileBody, request: Request) -> dict[str, Any]:
         _, store, _ = admin(request)
@@ -676,8 +822,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/profiles")
     async def list_profiles(request: Request) -> dict[str, Any]:
         _, store, _ = api(request)
-        return {"object": "list",
-                "data": [{"name": n, **p.to_dict()} for n, p in sorted(store.list_profiles().items())]}
+        return {
+            "object": "list",
+            "data": [{"name": n, **p.to_dict()} for n, p in sorted(store.list_profiles().items())],
+        }
 
     @app.get("/v1/profiles/{name}")
     async def get_profile(name: str, request: Request) -> dict[str, Any]:

@@ -25,23 +25,38 @@ def _default_vector_dir() -> Path:
 
 
 def _add_serve(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve the HTTP API", description=(
-        "Serve the steering API. Every option can also be set with an environment variable "
-        "STEERSERVE_<OPTION> (e.g. STEERSERVE_PORT=9000); API keys come from STEERSERVE_API_KEY and "
-        "STEERSERVE_ADMIN_KEY."))
-    p.add_argument("--model", default=_env("model"), help="local Hugging Face model directory "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--quantization", default=_env("quantization", "auto"),
-                   choices=["auto", "none", "int8", "nf4"])
-    p.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
+    p = sub.add_parser(
+        "serve",
+        help="serve the HTTP API",
+        description=(
+            "Serve the steering API. Every option can also be set with an environment variable "
+            "STEERSERVE_<OPTION> (e.g. STEERSERVE_PORT=9000); API keys come from STEERSERVE_API_KEY and "
+            "STEERSERVE_ADMIN_KEY."
+        ),
+    )
+    p.add_argument(
+        "--model",
+        default=_env("model"),
+        help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--quantization", default=_env("quantization", "auto"), choices=["auto", "none", "int8", "nf4"]
+    )
+    p.add_argument(
+        "--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"]
+    )
     p.add_argument("--device", default=_env("device", "auto"))
     p.add_argument("--host", default=_env("host", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(_env("port", 8000)))
     p.add_argument("--vector-dir", type=Path, default=Path(_env("vector_dir", _default_vector_dir())))
     p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", 8)))
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 64)))
-    p.add_argument("--max-new-tokens", type=int, default=int(_env("max_new_tokens", 1024)),
-                   help="cap on max_new_tokens / max_tokens per request")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=int(_env("max_new_tokens", 1024)),
+        help="cap on max_new_tokens / max_tokens per request",
+    )
     p.add_argument("--max-upload-bytes", type=int, default=int(_env("max_upload_bytes", 64 * 1024 * 1024)))
     p.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 30.0)))
     p.add_argument("--fold", default=_env("fold"), help="fold this saved profile into the weights")
@@ -53,13 +68,24 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import ServerConfig
     from .serve import serve
 
-    cfg = ServerConfig(model=args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
-                       host=args.host, port=args.port, vector_dir=args.vector_dir,
-                       max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                       max_new_tokens=args.max_new_tokens, max_upload_bytes=args.max_upload_bytes,
-                       api_key=os.environ.get("STEERSERVE_API_KEY") or None,
-                       admin_key=os.environ.get("STEERSERVE_ADMIN_KEY") or None,
-                       drain_timeout=args.drain_timeout, fold=args.fold, log_prompts=args.log_prompts)
+    cfg = ServerConfig(
+        model=args.model,
+        quantization=args.quantization,
+        dtype=args.dtype,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        vector_dir=args.vector_dir,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_new_tokens=args.max_new_tokens,
+        max_upload_bytes=args.max_upload_bytes,
+        api_key=os.environ.get("STEERSERVE_API_KEY") or None,
+        admin_key=os.environ.get("STEERSERVE_ADMIN_KEY") or None,
+        drain_timeout=args.drain_timeout,
+        fold=args.fold,
+        log_prompts=args.log_prompts,
+    )
     serve(cfg, log_level=args.log_level)
     return 0
 
@@ -80,10 +106,17 @@ def _inspect(args: argparse.Namespace) -> int:
     art = import_gguf(path) if path.read_bytes()[:4] == b"GGUF" else load_artifact(path)
     norms = art.norms()
     report = {
-        "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "kind": art.kind,
-        "method": art.method, "model_type": art.model_type, "hidden_size": art.hidden_size,
-        "num_layers": art.num_layers, "layers": art.layers, "lora_alpha": art.lora_alpha,
-        "metadata": art.extra, "norms": norms,
+        "file": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "kind": art.kind,
+        "method": art.method,
+        "model_type": art.model_type,
+        "hidden_size": art.hidden_size,
+        "num_layers": art.num_layers,
+        "layers": art.layers,
+        "lora_alpha": art.lora_alpha,
+        "metadata": art.extra,
+        "norms": norms,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -116,8 +149,10 @@ def _export_gguf(args: argparse.Namespace) -> int:
     result = export_gguf(load_artifact(args.input), args.output, drop_layer0=args.drop_layer0)
     print(f"wrote {args.output} (layers {list(result.layers)}, sha256 {result.sha256})")
     if result.dropped:
-        print(f"note: layers {list(result.dropped)} cannot be expressed in llama.cpp's numbering; dropped",
-              file=sys.stderr)
+        print(
+            f"note: layers {list(result.dropped)} cannot be expressed in llama.cpp's numbering; dropped",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -129,8 +164,13 @@ def _upload(args: argparse.Namespace) -> int:
     path = Path(args.file)
     data = {"name": args.name, **({"description": args.description} if args.description else {})}
     with path.open("rb") as f:
-        resp = httpx.post(args.url.rstrip("/") + "/v1/vectors", data=data, headers=headers,
-                          files={"file": (path.name, f, "application/octet-stream")}, timeout=120)
+        resp = httpx.post(
+            args.url.rstrip("/") + "/v1/vectors",
+            data=data,
+            headers=headers,
+            files={"file": (path.name, f, "application/octet-stream")},
+            timeout=120,
+        )
     print(json.dumps(resp.json(), indent=2))
     return 0 if resp.status_code == 201 else 1
 
@@ -139,14 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steerserve", description="Inference-time steering server.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
-    model = sub.add_parser("model", help="manage the default model").add_subparsers(dest="action", required=True)
+    model = sub.add_parser("model", help="manage the default model").add_subparsers(
+        dest="action", required=True
+    )
     model.add_parser("prepare", help="provision the embedded default model offline; prints its path")
     train = sub.add_parser("train", help="offline RED / RAHF training")
     from training.cli import add_train_parser
 
     add_train_parser(train.add_subparsers(dest="method", required=True))
     vec = sub.add_parser("vectors", help="inspect, convert and upload artifacts").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     p = vec.add_parser("inspect", help="kind, layers, norms, metadata, sha256")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
@@ -158,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = vec.add_parser("export-gguf", help="add artifact -> llama.cpp control vector")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--drop-layer0", action="store_true", help="drop a layer-0 direction (llama.cpp cannot apply it)")
+    p.add_argument(
+        "--drop-layer0", action="store_true", help="drop a layer-0 direction (llama.cpp cannot apply it)"
+    )
     p = vec.add_parser("upload", help="upload an artifact to a running server")
     p.add_argument("file")
     p.add_argument("--name", required=True)
@@ -172,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     handlers = {
-        ("serve", None): _serve, ("model", "prepare"): _prepare, ("vectors", "inspect"): _inspect,
-        ("vectors", "import-gguf"): _import_gguf, ("vectors", "export-gguf"): _export_gguf,
+        ("serve", None): _serve,
+        ("model", "prepare"): _prepare,
+        ("vectors", "inspect"): _inspect,
+        ("vectors", "import-gguf"): _import_gguf,
+        ("vectors", "export-gguf"): _export_gguf,
         ("vectors", "upload"): _upload,
     }
     if args.command == "train":

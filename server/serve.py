@@ -45,6 +45,12 @@ def serve(config: ServerConfig, *, log_level: str = "info") -> None:
     """Serve ``config`` until a signal drains and stops it."""
     state = ServerState(config)
     app = create_app(state)
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level.lower(),
-                        timeout_graceful_shutdown=int(config.drain_timeout) + 5, access_log=False)
+    uv = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=int(config.drain_timeout) + 5,
+        access_log=False,
+    )
     DrainingServer(uv, state).run()
