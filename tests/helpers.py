@@ -13,9 +13,16 @@ TINY_VOCAB = 49152  # SmolLM2's tokenizer
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64) -> LlamaForCausalLM:
     """A 2-layer, hidden-64 random Llama with SmolLM2's vocabulary (loads in milliseconds)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -30,8 +37,9 @@ def red_artifact(model, layers: list[int] | None = None, seed: int = 1, spread: 
     for layer in layers if layers is not None else range(n):
         tensors[f"layers.{layer}.scale"] = 1.0 + spread * torch.randn(d, generator=g)
         tensors[f"layers.{layer}.bias"] = spread * torch.randn(d, generator=g)
-    return Artifact(kind="red", tensors=tensors, hidden_size=d, num_layers=n, model_type=cfg.model_type,
-                    method="red")
+    return Artifact(
+        kind="red", tensors=tensors, hidden_size=d, num_layers=n, model_type=cfg.model_type, method="red"
+    )
 
 
 def add_artifact(model, layers: list[int] | None = None, seed: int = 2, norm: float = 2.0) -> Artifact:
@@ -42,12 +50,19 @@ def add_artifact(model, layers: list[int] | None = None, seed: int = 2, norm: fl
     for layer in layers if layers is not None else range(n):
         v = torch.randn(d, generator=g)
         tensors[f"layers.{layer}.direction"] = norm * v / v.norm()
-    return Artifact(kind="add", tensors=tensors, hidden_size=d, num_layers=n, model_type=cfg.model_type,
-                    method="mean-diff")
+    return Artifact(
+        kind="add",
+        tensors=tensors,
+        hidden_size=d,
+        num_layers=n,
+        model_type=cfg.model_type,
+        method="mean-diff",
+    )
 
 
-def lora_artifact(model, modules=("q_proj", "v_proj"), rank: int = 4, seed: int = 3,
-                  alpha: float = 8.0) -> Artifact:
+def lora_artifact(
+    model, modules=("q_proj", "v_proj"), rank: int = 4, seed: int = 3, alpha: float = 8.0
+) -> Artifact:
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -56,9 +71,15 @@ def lora_artifact(model, modules=("q_proj", "v_proj"), rank: int = 4, seed: int 
             lin = getattr(block.self_attn, m, None) or getattr(block.mlp, m)
             tensors[f"layers.{layer}.{m}.lora_A"] = 0.2 * torch.randn(rank, lin.in_features, generator=g)
             tensors[f"layers.{layer}.{m}.lora_B"] = 0.2 * torch.randn(lin.out_features, rank, generator=g)
-    return Artifact(kind="lora", tensors=tensors, hidden_size=cfg.hidden_size,
-                    num_layers=cfg.num_hidden_layers, model_type=cfg.model_type, method="rahf-scit",
-                    lora_alpha=alpha)
+    return Artifact(
+        kind="lora",
+        tensors=tensors,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
+        model_type=cfg.model_type,
+        method="rahf-scit",
+        lora_alpha=alpha,
+    )
 
 
 def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,8 +88,8 @@ def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
+        ids[i, T - len(s) :] = torch.tensor(s)
+        mask[i, T - len(s) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos
 
@@ -91,12 +112,12 @@ def greedy(model, seqs: list[list[int]], steps: int, hooks=None, slots=None) -> 
             T = ids.shape[1]
             gen = torch.zeros_like(ids, dtype=torch.bool)
             for i, s in enumerate(seqs):
-                gen[i, T - len(s) + n0[i]:] = True
+                gen[i, T - len(s) + n0[i] :] = True
             with hooks.batch(slots, generated=gen):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         else:
             logits = padded_logits(model, seqs)
         nxt = logits[:, -1].argmax(-1).tolist()
-        for s, t in zip(seqs, nxt):
+        for s, t in zip(seqs, nxt, strict=False):
             s.append(t)
-    return [s[n:] for s, n in zip(seqs, n0)]
+    return [s[n:] for s, n in zip(seqs, n0, strict=False)]
