@@ -370,12 +370,11 @@ class Engine:
             self._select_rows(keep)
         new: list[_Seq] = []
         with self._cv:
+            dropped = [s for s in self._waiting if s.handle.cancelled]
+            if dropped:  # a client that gave up while queued frees its place at once
+                self._waiting = deque(s for s in self._waiting if not s.handle.cancelled)
             while self._waiting and len(self._rows) + len(new) < self.max_batch_size:
                 seq = self._waiting[0]
-                if seq.handle.cancelled:
-                    self._waiting.popleft()
-                    self._finish(seq, "cancelled")
-                    continue
                 if seq.profile is not None and self.hooks is not None:
                     try:
                         seq.slot = self.hooks.acquire(seq.profile)
@@ -383,12 +382,15 @@ class Engine:
                         break  # wait for rows to finish and free their slots
                 self._waiting.popleft()
                 new.append(seq)
+            if dropped or new:
+                self._emit("set_queue", running=len(self._rows) + len(new), waiting=len(self._waiting))
+        for seq in dropped:
+            self._finish(seq, "cancelled")
         if new:
             now = time.monotonic()
             for seq in new:
                 self._emit("observe_queue_wait", now - seq.arrival)
             self._prefill(new)
-            self._notify_queue()
 
     def _forward(
         self,
