@@ -1,0 +1,1 @@
+"""steerserve server: model loading, the batching engine and the HTTP service."""
