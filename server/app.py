@@ -76,6 +76,7 @@ class ServerConfig:
     max_new_tokens: int = 1024
     max_upload_bytes: int = 64 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024
+    body_timeout: float = 30.0  # seconds a client may leave the request body stalled (408 after that)
     api_key: str | None = None
     admin_key: str | None = None
     drain_timeout: float = 30.0
@@ -94,6 +95,10 @@ class AuthError(Exception):
 
 
 class BodyTooLargeError(Exception):
+    pass
+
+
+class BodyTimeoutError(Exception):
     pass
 
 
@@ -231,7 +236,9 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     async def validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         state.metrics.reject("invalid")
         errors = exc.errors()
-        first = errors[0] if errors else {}
+        # the most specific error: for a union (e.g. steering: str | {vectors}) the deepest branch names
+        # the actual problem, where the first one would only say "Input should be a valid string"
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         return _error(422, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error")
 
@@ -283,7 +290,18 @@ class _EdgeMiddleware:
             await send(message)
 
         try:
-            body = await self._read_body(scope, receive, limit)
+            body = await self._read_body(scope, receive, limit, cfg.body_timeout)
+        except BodyTimeoutError:
+            self.state.metrics.reject("timeout")
+            resp = _error(
+                408,
+                f"request body not received: the client sent nothing for {cfg.body_timeout:g} s",
+                "request_timeout",
+                {"Connection": "close"},
+            )
+            await resp(scope, receive, send_wrapper)
+            self._record(scope, status["code"], start)
+            return
         except BodyTooLargeError:
             self.state.metrics.reject("too_large")
             if upload:
@@ -308,7 +326,10 @@ class _EdgeMiddleware:
 
     @staticmethod
     async def _read_body(
-        scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], limit: int
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        limit: int,
+        timeout: float,
     ) -> bytes:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
@@ -316,7 +337,10 @@ class _EdgeMiddleware:
             raise BodyTooLargeError
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:  # a stalled client must not hold its request open forever
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeoutError from None
             if message["type"] != "http.request":
                 break
             chunk = message.get("body", b"")
@@ -430,6 +454,23 @@ def _chat_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
     msgs = [{"role": m.role, "content": m.text()} for m in messages]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+_INLINE_TOKENIZE_CHARS = 16_384
+
+
+async def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt. A long one (up to the body limit: ~1 s of tokenizer time) is tokenized in a
+    worker thread (the tokenizer releases the GIL), so it never stalls the event loop and other requests."""
+    if len(text) <= _INLINE_TOKENIZE_CHARS:
+        return tokenizer.encode(text, add_special_tokens=False)
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
+
+
+async def _encode_chat(tokenizer: Any, messages: list[Message]) -> list[int]:
+    if sum(len(m.text()) for m in messages) <= _INLINE_TOKENIZE_CHARS:
+        return _chat_ids(tokenizer, messages)
+    return await asyncio.to_thread(_chat_ids, tokenizer, messages)
 
 
 async def _until_done(request: Request, handle: Any) -> GenerationResult:
@@ -589,12 +630,14 @@ def create_app(state: ServerState) -> FastAPI:
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         tok = loaded.tokenizer
         ids = (
-            tok.encode(body.prompt, add_special_tokens=False)
+            await _encode(tok, body.prompt)
             if body.prompt is not None
-            else _chat_ids(tok, body.messages or [])
+            else await _encode_chat(tok, body.messages or [])
         )
         compiled = _compile(state, store, _resolve_steering(store, body.steering))
-        params = _sampling(body, body.max_new_tokens, 0.0)
+        cap = state.config.max_new_tokens
+        asked = "max_new_tokens" in body.model_fields_set  # the default must not exceed the cap
+        params = _sampling(body, body.max_new_tokens if asked else min(body.max_new_tokens, cap), 0.0)
 
         def render(r: GenerationResult, steer: dict[str, Any]) -> dict[str, Any]:
             return {
@@ -630,11 +673,12 @@ def create_app(state: ServerState) -> FastAPI:
         _, store, loaded = api(request)
         if body.n != 1:
             raise ValueError("only n=1 is supported")
-        ids = _chat_ids(loaded.tokenizer, body.messages)
+        ids = await _encode_chat(loaded.tokenizer, body.messages)
         compiled = _compile(
             state, store, _resolve_steering(store, body.steering, _openai_profile(store, loaded, body.model))
         )
-        params = _sampling(body, body.max_completion_tokens or body.max_tokens or 256, 1.0)
+        default = min(256, state.config.max_new_tokens)
+        params = _sampling(body, body.max_completion_tokens or body.max_tokens or default, 1.0)
         cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model or loaded.model_id
         include_usage = bool((body.stream_options or {}).get("include_usage"))
 
@@ -691,11 +735,12 @@ def create_app(state: ServerState) -> FastAPI:
             if len(prompt) != 1:
                 raise ValueError("only a single prompt per request is supported")
             prompt = prompt[0]
-        ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = await _encode(loaded.tokenizer, prompt)
         compiled = _compile(
             state, store, _resolve_steering(store, body.steering, _openai_profile(store, loaded, body.model))
         )
-        params = _sampling(body, body.max_tokens or 16, 1.0)
+        asked = "max_tokens" in body.model_fields_set and body.max_tokens is not None
+        params = _sampling(body, body.max_tokens if asked else min(16, state.config.max_new_tokens), 1.0)
         cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or loaded.model_id
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         echo = prompt if body.echo else ""

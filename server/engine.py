@@ -357,8 +357,10 @@ class Engine:
         with self._cv:
             leftover = list(self._waiting) + self._rows
             self._waiting.clear()
+            self._rows, self._cache, self._mask = [], None, None  # idle() is true once stopped
         for seq in leftover:
             self._finish(seq, "cancelled")
+        self._notify_queue()
 
     def _schedule(self) -> None:
         # free cancelled rows first (a client that disconnected frees its row)
@@ -557,7 +559,7 @@ class Engine:
         self._finish(s, reason, final_text=text[:cut])
 
     def _finish(self, s: _Seq, reason: str, final_text: str | None = None, error: str | None = None) -> None:
-        if s.finish is not None and s.finish != "pending":
+        if s.finish is not None:
             return
         s.finish = reason
         delta = final_text[s.sent :] if final_text is not None and len(final_text) > s.sent else ""
@@ -565,12 +567,14 @@ class Engine:
             s.handle.timings["error"] = 1.0
         s.handle.timings["total"] = time.monotonic() - s.arrival
         completion = len(s.out) - (1 if s.out and s.out[-1] in self.eos_ids else 0)
+        # counted before the caller hears of it: a client that has its response sees its tokens in /metrics
+        self._emit("add_tokens", prompt=len(s.prompt), generated=completion)
+        self._emit("set_queue", running=sum(r.finish is None for r in self._rows), waiting=len(self._waiting))
         s.handle._push(
             EngineEvent(
                 delta, finish_reason=reason, prompt_tokens=len(s.prompt), completion_tokens=completion
             )
         )
-        self._emit("add_tokens", prompt=len(s.prompt), generated=completion)
         if s.slot and self.hooks is not None:
             self.hooks.release(s.slot)
             s.slot = 0

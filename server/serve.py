@@ -37,6 +37,11 @@ class DrainingServer(uvicorn.Server):
         engine = self.state.engine
         while engine is not None and not engine.idle() and time.monotonic() < deadline:
             time.sleep(0.05)
+        if engine is not None and not engine.idle():
+            # Past the drain timeout: end what is still running (finish_reason "cancelled") so that its
+            # responses complete now, instead of uvicorn waiting on their connections for longer still.
+            log.warning("drain timeout reached: cancelling the requests still in flight")
+            engine.stop(timeout=0.0)
         time.sleep(0.2)  # let the last responses flush
         self.should_exit = True
 
