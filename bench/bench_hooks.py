@@ -24,10 +24,10 @@ from server.model import load_model
 from steering_vectors import Artifact, VectorRef, compile_profile, install_steering
 
 
-def _vectors(model) -> list[Artifact]:
-    cfg = model.config
+def three_vectors(cfg, seed: int = 0) -> list[Artifact]:
+    """RED + two additive vectors on every layer of a model with config ``cfg`` (small random edits)."""
     d, n, mt = cfg.hidden_size, cfg.num_hidden_layers, cfg.model_type
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     red = Artifact(
         kind="red",
         model_type=mt,
@@ -82,7 +82,7 @@ def main() -> None:
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 3)] * args.batch)
     cfg = model.config
     profile = compile_profile(
-        [(VectorRef(name=f"v{i}"), a) for i, a in enumerate(_vectors(model))],
+        [(VectorRef(name=f"v{i}"), a) for i, a in enumerate(three_vectors(model.config))],
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
     )

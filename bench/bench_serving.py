@@ -28,10 +28,11 @@ from pathlib import Path
 import httpx
 import psutil
 import torch
+from bench_hooks import three_vectors  # bench/ is on sys.path when a script here runs
 
 from server.engine import Engine, SamplingParams
 from server.model import load_model
-from steering_vectors import Artifact, VectorRef, compile_profile, install_steering
+from steering_vectors import VectorRef, compile_profile, install_steering
 
 PROMPTS = [
     "Write a short note about the ocean.",
@@ -45,37 +46,9 @@ PROMPTS = [
 ]
 
 
-def vectors(cfg, seed: int) -> list[Artifact]:
-    d, n, mt = cfg.hidden_size, cfg.num_hidden_layers, cfg.model_type
-    g = torch.Generator().manual_seed(seed)
-    red = Artifact(
-        kind="red",
-        model_type=mt,
-        hidden_size=d,
-        num_layers=n,
-        method="red",
-        tensors={
-            **{f"layers.{i}.scale": 1 + 0.01 * torch.randn(d, generator=g) for i in range(n)},
-            **{f"layers.{i}.bias": 0.01 * torch.randn(d, generator=g) for i in range(n)},
-        },
-    )
-    adds = [
-        Artifact(
-            kind="add",
-            model_type=mt,
-            hidden_size=d,
-            num_layers=n,
-            method="mean-diff",
-            tensors={f"layers.{i}.direction": 0.05 * torch.randn(d, generator=g) for i in range(n)},
-        )
-        for _ in range(2)
-    ]
-    return [red, *adds]
-
-
 def profile(cfg, seed: int):
     return compile_profile(
-        [(VectorRef(name=f"v{i}"), a) for i, a in enumerate(vectors(cfg, seed))],
+        [(VectorRef(name=f"v{i}"), a) for i, a in enumerate(three_vectors(cfg, seed))],
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
     )

@@ -437,6 +437,33 @@ def _steering_block(compiled: CompiledProfile) -> dict[str, Any]:
     }
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _openai_chunks(
+    base: dict[str, Any],
+    choice: dict[str, Any],
+    finish: str | None,
+    usage: dict[str, Any] | None,
+    compiled: CompiledProfile,
+    include_usage: bool,
+) -> list[Any]:
+    """One OpenAI stream chunk; the last one carries the steering block (and a usage chunk if asked)."""
+    out: list[Any] = [
+        {**base, "choices": [{"index": 0, **choice, "finish_reason": finish, "logprobs": None}]}
+    ]
+    if finish is not None:
+        out[0]["steering"] = _steering_block(compiled)
+        if include_usage:
+            out.append({**base, "choices": [], "usage": usage})
+    return out
+
+
 def _sampling(body: Any, max_new_tokens: int, default_temperature: float) -> SamplingParams:
     stop = body.stop
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -580,11 +607,7 @@ def create_app(state: ServerState) -> FastAPI:
                     parts.append(ev.text)
                     usage = None
                     if ev.finish_reason is not None:
-                        usage = {
-                            "prompt_tokens": ev.prompt_tokens,
-                            "completion_tokens": ev.completion_tokens,
-                            "total_tokens": ev.prompt_tokens + ev.completion_tokens,
-                        }
+                        usage = _usage(ev.prompt_tokens, ev.completion_tokens)
                         result = GenerationResult(
                             "".join(parts),
                             ev.finish_reason,
@@ -696,11 +719,7 @@ def create_app(state: ServerState) -> FastAPI:
                         "logprobs": None,
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": r.prompt_tokens,
-                    "completion_tokens": r.completion_tokens,
-                    "total_tokens": r.prompt_tokens + r.completion_tokens,
-                },
+                "usage": _usage(r.prompt_tokens, r.completion_tokens),
                 "steering": steer,
             }
 
@@ -712,14 +731,7 @@ def create_app(state: ServerState) -> FastAPI:
             if not first["sent"]:
                 delta["role"] = "assistant"
                 first["sent"] = True
-            out: list[Any] = [
-                {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            ]
-            if finish is not None:
-                out[0]["steering"] = _steering_block(compiled)
-                if include_usage:
-                    out.append({**base, "choices": [], "usage": usage})
-            return out
+            return _openai_chunks(base, {"delta": delta}, finish, usage, compiled, include_usage)
 
         return await generate_common(
             request, "/v1/chat/completions", ids, params, compiled, body.stream, None, render, chunk
@@ -754,24 +766,13 @@ def create_app(state: ServerState) -> FastAPI:
                 "choices": [
                     {"index": 0, "text": echo + r.text, "finish_reason": r.finish_reason, "logprobs": None}
                 ],
-                "usage": {
-                    "prompt_tokens": r.prompt_tokens,
-                    "completion_tokens": r.completion_tokens,
-                    "total_tokens": r.prompt_tokens + r.completion_tokens,
-                },
+                "usage": _usage(r.prompt_tokens, r.completion_tokens),
                 "steering": steer,
             }
 
         def chunk(text: str, finish: str | None, usage: dict[str, Any] | None) -> list[Any]:
             base = {"id": cid, "object": "text_completion", "created": created, "model": model}
-            out: list[Any] = [
-                {**base, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-            ]
-            if finish is not None:
-                out[0]["steering"] = _steering_block(compiled)
-                if include_usage:
-                    out.append({**base, "choices": [], "usage": usage})
-            return out
+            return _openai_chunks(base, {"text": text}, finish, usage, compiled, include_usage)
 
         return await generate_common(
             request, "/v1/completions", ids, params, compiled, body.stream, prompt, render, chunk
