@@ -7,10 +7,13 @@ with ``compile_profile`` and run through the per-row ``install_steering`` hooks.
   - ``vader``: mean VADER compound score (-1 .. 1) of the greedy replies to the held-out prompts;
   - ``pos%``: share of replies with compound >= 0.05 (VADER's "positive" threshold);
   - ``pref_acc``: preference accuracy - share of held-out pairs whose chosen reply gets a higher
-    summed log-probability than the rejected one (``margin``: mean of that log-probability margin).
+    summed log-probability than the rejected one (``margin``: mean of that log-probability margin);
+  - ``fluency_nll``: mean per-token NLL of the greedy replies under the *unsteered* model - a guard
+    against steering that buys sentiment with broken text (the unsteered model's own replies score
+    lowest; gibberish scores high).
 * Sign-off instruction set (``training/data/signoff_inst_test.jsonl``; RED artifacts):
   - ``signoff%``: share of greedy replies whose last line is the sign-off ``— Steery``;
-  - ``nll``: mean response-token NLL of the held-out reference replies.
+  - ``nll``: mean response-token NLL of the held-out reference replies; ``fluency_nll`` as above.
 
 Usage::
 
@@ -81,12 +84,15 @@ class Steered:
         return outs
 
     @torch.no_grad()
-    def response_logprobs(self, examples: list[tuple[list[dict], str]], batch_size: int) -> list[float]:
-        """Summed log-probability of each response (its tokens and end-of-turn) given its prompt."""
+    def response_logprobs(
+        self, examples: list[tuple[list[dict], str]], batch_size: int, drop_last: bool = False
+    ) -> list[tuple[float, int]]:
+        """(summed log-probability, token count) of each response (its tokens and end-of-turn) given
+        its prompt; ``drop_last`` leaves out the end-of-turn token."""
         tok, model = self.lm.tokenizer, self.lm.model
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         enc = [encode(tok, p, r) for p, r in examples]
-        out: list[float] = []
+        out: list[tuple[float, int]] = []
         for i in range(0, len(enc), batch_size):
             b = collate(enc[i : i + batch_size], pad)
             with self.hooks.batch([self.slot] * b["input_ids"].shape[0]):
@@ -94,35 +100,47 @@ class Steered:
             lp = F.log_softmax(logits[:, :-1].float(), -1)
             tgt = b["labels"][:, 1:]
             mask = tgt != IGNORE_INDEX
+            if drop_last:
+                last = mask.long().cumsum(-1) == mask.long().sum(-1, keepdim=True)
+                mask = mask & ~last
             tok_lp = lp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * mask
-            out += tok_lp.sum(-1).tolist()
+            out += list(zip(tok_lp.sum(-1).tolist(), mask.sum(-1).tolist(), strict=True))
         return out
 
 
-def eval_tone(st: Steered, pairs, args, vader) -> dict:
-    gens = st.generate([p.prompt for p in pairs], args.max_new_tokens, args.batch_size)
+def fluency_nll(base: Steered, prompts: list[list[dict]], gens: list[str], batch_size: int) -> float:
+    """Mean per-token NLL of the generated replies under the unsteered model (lower = more fluent)."""
+    res = base.response_logprobs(list(zip(prompts, gens, strict=True)), batch_size, drop_last=True)
+    return -sum(s for s, _ in res) / max(1, sum(n for _, n in res))
+
+
+def eval_tone(st: Steered, base: Steered, pairs, args, vader) -> dict:
+    prompts = [p.prompt for p in pairs]
+    gens = st.generate(prompts, args.max_new_tokens, args.batch_size)
     scores = [vader.polarity_scores(g)["compound"] for g in gens]
     lp_c = st.response_logprobs([(p.prompt, p.chosen) for p in pairs], args.batch_size)
     lp_r = st.response_logprobs([(p.prompt, p.rejected) for p in pairs], args.batch_size)
-    margins = [c - r for c, r in zip(lp_c, lp_r, strict=False)]
+    margins = [c[0] - r[0] for c, r in zip(lp_c, lp_r, strict=True)]
     return {
         "vader": sum(scores) / len(scores),
         "pos%": 100 * sum(s >= 0.05 for s in scores) / len(scores),
         "pref_acc": 100 * sum(m > 0 for m in margins) / len(margins),
         "margin": sum(margins) / len(margins),
+        "fluency_nll": fluency_nll(base, prompts, gens, args.batch_size),
         "len": sum(len(g.split()) for g in gens) / len(gens),
         "samples": gens[: args.samples],
     }
 
 
-def eval_signoff(st: Steered, items, args) -> dict:
-    gens = st.generate([it.prompt for it in items], args.max_new_tokens_inst, args.batch_size)
+def eval_signoff(st: Steered, base: Steered, items, args) -> dict:
+    prompts = [it.prompt for it in items]
+    gens = st.generate(prompts, args.max_new_tokens_inst, args.batch_size)
     ends = [g.strip().splitlines()[-1].strip() == SIGNOFF if g.strip() else False for g in gens]
     lps = st.response_logprobs([(it.prompt, it.response) for it in items], args.batch_size)
-    ntok = [len(encode(st.lm.tokenizer, it.prompt, it.response).response_ids) for it in items]
     return {
         "signoff%": 100 * sum(ends) / len(ends),
-        "nll": -sum(lps) / sum(ntok),
+        "nll": -sum(s for s, _ in lps) / sum(n for _, n in lps),
+        "fluency_nll": fluency_nll(base, prompts, gens, args.batch_size),
         "len": sum(len(g.split()) for g in gens) / len(gens),
         "samples": gens[: args.samples],
     }
@@ -166,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     lm = load_model(args.model, quantization="none", dtype="float32", device="cpu")
     hooks = install_steering(lm.model)
+    base = Steered(lm, hooks)
     rows = []
 
     def run(set_name: str, path: Path | None, strength: float, fn) -> None:
@@ -192,16 +211,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if tone_arts:
         pairs = load_preferences(demo_path("tone_pref", "test"), limit=args.limit)
-        run("tone", None, 0.0, lambda st: eval_tone(st, pairs, args, vader))
+        run("tone", None, 0.0, lambda st: eval_tone(st, base, pairs, args, vader))
         for p in tone_arts:
             for w in args.strengths:
-                run("tone", p, w, lambda st: eval_tone(st, pairs, args, vader))
+                run("tone", p, w, lambda st: eval_tone(st, base, pairs, args, vader))
     if inst_arts:
         items = load_instructions(demo_path("signoff_inst", "test"), limit=args.limit)
-        run("signoff", None, 0.0, lambda st: eval_signoff(st, items, args))
+        run("signoff", None, 0.0, lambda st: eval_signoff(st, base, items, args))
         for p in inst_arts:
             for w in args.strengths:
-                run("signoff", p, w, lambda st: eval_signoff(st, items, args))
+                run("signoff", p, w, lambda st: eval_signoff(st, base, items, args))
 
     print()
     print(f"{'set':8} {'artifact':40} {'method':10} {'w':>4}  metrics")
@@ -209,10 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         if r["set"] == "tone":
             m = (
                 f"vader {r['vader']:+.3f}  pos% {r['pos%']:5.1f}  pref_acc {r['pref_acc']:5.1f}%  "
-                f"margin {r['margin']:+7.2f}  words {r['len']:.1f}"
+                f"margin {r['margin']:+7.2f}  fluency_nll {r['fluency_nll']:.2f}  words {r['len']:.1f}"
             )
         else:
-            m = f"signoff% {r['signoff%']:5.1f}  nll {r['nll']:.3f}  words {r['len']:.1f}"
+            m = (
+                f"signoff% {r['signoff%']:5.1f}  nll {r['nll']:.3f}  fluency_nll {r['fluency_nll']:.2f}  "
+                f"words {r['len']:.1f}"
+            )
         print(f"{r['set']:8} {r['artifact'][-40:]:40} {r['method']:10} {r['strength']:4g}  {m}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

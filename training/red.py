@@ -1,0 +1,293 @@
+"""RED - Representation EDiting (Wu et al., ACL 2024), trained offline.
+
+Per decoder layer l a scale vector s_l (init 1) and a bias vector b_l (init 0), both of the hidden size
+d, edit the output of the layer's last feed-forward projection (``mlp.down_proj`` in Llama) before the
+residual add: ``h' = s_l * h + b_l``. The base model is frozen; only these 2·L·d numbers are trained, by
+supervised fine-tuning with the loss on the response tokens only. The edit is applied during training
+by forward hooks that are removed afterwards, so the base model object is left exactly as it was.
+
+The vectors are kept in float32 even when the model runs in bfloat16 (the hook computes the edit in
+float32 and casts the result back): in bf16 a scale of 1 has a resolution of 2^-8, so the small
+updates of the scale would round away and only the bias would learn.
+
+Output: a ``red`` artifact (SPEC §4) with the training configuration and the eval losses (before
+training = the base model's, and after) in its metadata, plus a JSONL loss log, a PNG plot and a JSON
+summary next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from steering_vectors import Artifact, find_layout
+
+from .common import (
+    Encoded,
+    LoopSpec,
+    RunLog,
+    collate,
+    encode,
+    load_base_model,
+    make_accelerator,
+    peak_rss_mb,
+    response_nll,
+    run_loop,
+    set_seed,
+    write_artifact,
+)
+
+__all__ = ["RedConfig", "RedEditor", "RedModel", "load_instruction_data", "red_artifact", "train_red"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RedConfig:
+    """Options of ``steerserve train red`` (see ``training/cli.py`` for their help texts)."""
+
+    data: str
+    out: str
+    model: str | None = None
+    format: str = "auto"
+    eval_data: str | None = None
+    eval_fraction: float = 0.1
+    limit: int | None = None
+    eval_limit: int | None = None
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-2
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_length: int = 256
+    eval_every: int = 0
+    eval_batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 25
+    resume: str | None = None
+    description: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RedEditor(nn.Module):
+    """The trainable RED vectors: ``scale`` [L, d] (ones) and ``bias`` [L, d] (zeros), float32."""
+
+    def __init__(self, num_layers: int, hidden_size: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(num_layers, hidden_size, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(num_layers, hidden_size, dtype=torch.float32))
+
+    def edit(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """``s_l * h + b_l`` computed in float32 and returned in ``out``'s dtype."""
+        return (out.to(torch.float32) * self.scale[layer] + self.bias[layer]).to(out.dtype)
+
+
+class RedModel(nn.Module):
+    """A frozen causal LM plus a :class:`RedEditor` hooked onto its FFN output projections.
+
+    ``forward(input_ids, attention_mask, labels)`` returns ``(sum of response NLL, token count)``.
+    The hooks live from construction until :meth:`remove_hooks`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.layout = find_layout(model)
+        self.editor = RedEditor(self.layout.num_layers, self.layout.hidden_size)
+        self._handles = [
+            mod.register_forward_hook(self._hook(layer)) for layer, mod in enumerate(self.layout.ffn_out)
+        ]
+
+    def _hook(self, layer: int):
+        def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> torch.Tensor:
+            return self.editor.edit(layer, out)
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **_: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return response_nll(self.model, input_ids, attention_mask, labels)
+
+
+def load_instruction_data(path: str, format: str = "auto", limit: int | None = None):
+    """Instructions from ``path``; preference data is accepted too (its chosen replies are used)."""
+    from .data import DataFormatError, load_instructions, load_preferences, pairs_to_instructions
+
+    try:
+        return load_instructions(path, format=format, limit=limit)
+    except DataFormatError as first:
+        try:
+            pairs = load_preferences(path, format=format, limit=limit)
+        except DataFormatError:
+            raise first from None
+        log.info("%s holds preference pairs: training RED on their chosen replies", path)
+        return pairs_to_instructions(pairs, "chosen")
+
+
+def red_artifact(
+    editor: RedEditor,
+    layout,
+    *,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    base_model: str | None = None,
+    description: str | None = None,
+) -> Artifact:
+    tensors = {}
+    for layer in range(layout.num_layers):
+        tensors[f"layers.{layer}.scale"] = editor.scale[layer].detach().float().cpu().clone()
+        tensors[f"layers.{layer}.bias"] = editor.bias[layer].detach().float().cpu().clone()
+    extra = {"training": json.dumps(training, sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True)}
+    if base_model:
+        extra["base_model"] = base_model
+    extra["description"] = description or "RED scale/bias edits of the FFN outputs (Wu et al., 2024)"
+    return Artifact(
+        kind="red",
+        tensors=tensors,
+        hidden_size=layout.hidden_size,
+        num_layers=layout.num_layers,
+        model_type=layout.model_type,
+        method="red",
+        extra=extra,
+    )
+
+
+def _encode_all(tokenizer, items, max_length: int) -> list[Encoded]:
+    return [encode(tokenizer, it.prompt, it.response, max_length=max_length) for it in items]
+
+
+@torch.no_grad()
+def eval_loss(module: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int, device) -> float:
+    """Token-weighted mean response NLL of ``module`` over ``encoded``."""
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = collate(encoded[i : i + batch_size], pad_id)
+        s, n = module(**{k: v.to(device) for k, v in batch.items()})
+        total += float(s)
+        count += int(n)
+    return total / max(count, 1)
+
+
+def train_red(cfg: RedConfig) -> dict[str, Any]:
+    """Train RED vectors and write the artifact, loss log, plot and summary. Returns the summary."""
+    from .data import prompt_key, split_holdout
+
+    t0 = time.monotonic()
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    stem = out.with_suffix("") if out.suffix == ".safetensors" else out
+    accelerator = make_accelerator(cfg.device)
+    main = accelerator.is_main_process
+
+    items = load_instruction_data(cfg.data, cfg.format, cfg.limit)
+    if cfg.eval_data:
+        eval_items = load_instruction_data(cfg.eval_data, cfg.format, cfg.eval_limit)
+    else:
+        items, eval_items = split_holdout(items, cfg.eval_fraction, cfg.seed, key=prompt_key)
+        eval_items = eval_items[: cfg.eval_limit] if cfg.eval_limit else eval_items
+    lm = load_base_model(cfg.model, accelerator, cfg.dtype)
+    tok = lm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    train_enc = _encode_all(tok, items, cfg.max_length)
+    eval_enc = _encode_all(tok, eval_items, cfg.max_length) if eval_items else []
+
+    red = RedModel(lm.model)
+    n_trainable = sum(p.numel() for p in red.parameters() if p.requires_grad)
+    L, d = red.layout.num_layers, red.layout.hidden_size
+    assert n_trainable == 2 * L * d, (n_trainable, L, d)
+    if main:
+        log.info(
+            "RED: %d trainable parameters (2 x %d layers x %d), %d train / %d eval examples",
+            n_trainable,
+            L,
+            d,
+            len(train_enc),
+            len(eval_enc),
+        )
+
+    run_log = RunLog(f"{stem}.log.jsonl", enabled=main, append=bool(cfg.resume))
+    ckpt_dir = Path(cfg.resume or cfg.checkpoint_dir or f"{stem}.ckpt")
+
+    def evaluate() -> dict[str, float]:
+        return {"eval_loss": eval_loss(red, eval_enc, pad_id, cfg.eval_batch_size, accelerator.device)}
+
+    spec = LoopSpec(
+        name="red",
+        module=red,
+        n_items=len(train_enc),
+        make_batch=lambda idx: collate([train_enc[i] for i in idx], pad_id),
+        steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        lr=cfg.lr,
+        warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        eval_fn=evaluate if eval_enc else None,
+        eval_every=cfg.eval_every,
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=cfg.checkpoint_every,
+        log=run_log,
+    )
+    result = run_loop(spec, accelerator, desc="train red", resume=cfg.resume is not None)
+    red.remove_hooks()
+    editor = accelerator.unwrap_model(red).editor
+    hist = result["history"]
+    metrics: dict[str, Any] = {
+        "trainable_params": n_trainable,
+        "train_loss_last": result["train_loss"],
+        "train_examples": len(train_enc),
+        "eval_examples": len(eval_enc),
+    }
+    if hist:
+        metrics["eval_loss_before"] = hist[0]["eval_loss"]
+        metrics["eval_loss_after"] = hist[-1]["eval_loss"]
+    metrics["scale_dev_mean_abs"] = float((editor.scale.detach() - 1).abs().mean())
+    metrics["bias_mean_abs"] = float(editor.bias.detach().abs().mean())
+    metrics["wall_s"] = round(time.monotonic() - t0, 1)
+    metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    training = {k: v for k, v in asdict(cfg).items() if k not in ("out", "extra")}
+    training.update(
+        cfg.extra,
+        model=cfg.model or lm.model_id,
+        dtype=lm.dtype_name,
+        processes=accelerator.num_processes,
+        resumed_from=result["resumed_from"],
+    )
+    summary = {"artifact": str(out), "training": training, "metrics": metrics}
+    if main:
+        art = red_artifact(
+            editor,
+            red.layout,
+            training=training,
+            metrics=metrics,
+            base_model=lm.model_id,
+            description=cfg.description,
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_artifact(art, out)
+        summary["sha256"] = art.sha256
+        png = run_log.plot(f"{stem}.png", title="RED")
+        summary["plot"], summary["log"] = str(png), str(run_log.path)
+        Path(f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return summary
