@@ -750,8 +750,8 @@ def test_disconnect_mid_stream_frees_the_row(live_server):
             wait_for(lambda: running_gauge(http) == 0, timeout=10, what="the running gauge to return to 0")
             assert state.engine.idle()
         # a non-streaming request whose client gives up (read timeout) is cancelled too
-        with pytest.raises(httpx.ReadTimeout):
-            http.post("/generate", json={"prompt": "Hello", "max_new_tokens": 400}, timeout=1.0)
+        with pytest.raises(httpx.ReadTimeout):  # 500 tokens (the tiny model's context is 512) take > 0.2 s
+            http.post("/generate", json={"prompt": "Hello", "max_new_tokens": 500}, timeout=0.2)
         wait_for(lambda: running_gauge(http) == 0, timeout=10, what="the running gauge to return to 0")
         resp = http.post("/generate", json={"prompt": "Hello", "max_new_tokens": 4})
         assert resp.status_code == 200 and resp.json()["finish_reason"] == "length"
