@@ -140,33 +140,25 @@ class RequestHandle:
                 return
 
     async def result(self) -> GenerationResult:
-        parts: list[str] = []
-        async for ev in self.events():
-            parts.append(ev.text)
-            if ev.finish_reason is not None:
-                return GenerationResult(
-                    "".join(parts),
-                    ev.finish_reason,
-                    ev.prompt_tokens,
-                    ev.completion_tokens,
-                    dict(self.timings),
-                )
-        raise RuntimeError("event stream ended without a finish event")  # pragma: no cover
+        """Await the whole output."""
+        return self._collect([ev async for ev in self.events()])
 
     def wait(self, timeout: float | None = None) -> GenerationResult:
         """Block (in a non-async caller) until the request finishes."""
-        parts: list[str] = []
-        while True:
-            ev = self._tq.get(timeout=timeout)
-            parts.append(ev.text)
-            if ev.finish_reason is not None:
-                return GenerationResult(
-                    "".join(parts),
-                    ev.finish_reason,
-                    ev.prompt_tokens,
-                    ev.completion_tokens,
-                    dict(self.timings),
-                )
+        events = [self._tq.get(timeout=timeout)]
+        while events[-1].finish_reason is None:
+            events.append(self._tq.get(timeout=timeout))
+        return self._collect(events)
+
+    def _collect(self, events: list[EngineEvent]) -> GenerationResult:
+        last = events[-1]
+        return GenerationResult(
+            "".join(ev.text for ev in events),
+            last.finish_reason or "cancelled",
+            last.prompt_tokens,
+            last.completion_tokens,
+            dict(self.timings),
+        )
 
 
 @dataclass

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from steering_vectors.artifact import fsync_dir
+
 __all__ = [
     "CACHE_DIR_ENV",
     "DEFAULT_GGUF_FILE",
@@ -436,16 +438,7 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with contextlib.suppress(OSError), open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(folder)
 
 
 def _install_directory(tmp: Path, target: Path) -> bool:
@@ -469,7 +462,7 @@ def _install_directory(tmp: Path, target: Path) -> bool:
                 continue
             _remove_path(aside)
             continue
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return True
     raise RuntimeError(f"could not move the prepared model into {target}")
 

@@ -44,6 +44,7 @@ from steering_vectors.artifact import (
     Artifact,
     ArtifactError,
     atomic_write_bytes,
+    fsync_dir,
     parse_artifact,
 )
 from steering_vectors.profile import CompiledProfile, Profile, VectorRef, check_name, compile_profile
@@ -428,7 +429,7 @@ class VectorStore:
                 os.replace(folder, trash)
             except FileNotFoundError:  # removed behind our back: forget it all the same
                 pass
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             with self._lock:
                 entry = self._entries.pop(name)
                 still_used = {v.sha256 for e in self._entries.values() for v in e.versions}
@@ -554,7 +555,7 @@ class VectorStore:
                     raise UnknownProfileError(f"unknown profile {name!r}")
             path = self.root / _PROFILES / f"{name}.json"
             path.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             with self._lock:
                 self._profiles.pop(name, None)
         log.info("profile %s: deleted", name)
@@ -568,16 +569,3 @@ class VectorStore:
         """
         entries = [(ref, self.resolve(ref)) for ref in profile.vectors]
         return compile_profile(entries, num_layers=self.num_layers, hidden_size=self.hidden_size)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -33,6 +33,7 @@ __all__ = [
     "ArtifactError",
     "IncompatibleArtifactError",
     "atomic_write_bytes",
+    "fsync_dir",
     "load_artifact",
     "parse_artifact",
     "save_artifact",
@@ -332,11 +333,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dfd = os.open(p.parent, os.O_RDONLY)
+    fsync_dir(p.parent)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (a rename inside it) to disk; a no-op where directories can't be opened."""
     try:
-        os.fsync(dfd)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        os.close(dfd)
+        os.close(fd)
 
 
 def save_artifact(artifact: Artifact, path: str | os.PathLike[str]) -> str:

@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
-from .artifact import MAX_ARTIFACT_BYTES, Artifact, ArtifactError, IncompatibleArtifactError
+from .artifact import MAX_ARTIFACT_BYTES, Artifact, ArtifactError, IncompatibleArtifactError, fsync_dir
 
 __all__ = [
     "CONTROLVECTOR_ARCH",
@@ -364,9 +364,5 @@ def export_gguf(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dfd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(p.parent)
     return GGUFExportResult(sha256=sha, layers=tuple(sorted(rows)), dropped=tuple(dropped))
