@@ -13,7 +13,8 @@ with ``compile_profile`` and run through the per-row ``install_steering`` hooks.
     lowest; gibberish scores high).
 * Sign-off instruction set (``training/data/signoff_inst_test.jsonl``; RED artifacts):
   - ``signoff%``: share of greedy replies whose last line is the sign-off ``— Steery``;
-  - ``nll``: mean response-token NLL of the held-out reference replies; ``fluency_nll`` as above.
+  - ``nll``: mean response-token NLL of the held-out reference replies; ``fluency_nll`` as above, on
+    the replies without their sign-off line.
 
 Usage::
 
@@ -140,10 +141,18 @@ def eval_signoff(st: Steered, base: Steered, items, args) -> dict:
     return {
         "signoff%": 100 * sum(ends) / len(ends),
         "nll": -sum(s for s, _ in lps) / sum(n for _, n in lps),
-        "fluency_nll": fluency_nll(base, prompts, gens, args.batch_size),
+        "fluency_nll": fluency_nll(base, prompts, [_strip_signoff(g) for g in gens], args.batch_size),
         "len": sum(len(g.split()) for g in gens) / len(gens),
         "samples": gens[: args.samples],
     }
+
+
+def _strip_signoff(text: str) -> str:
+    """The reply without a trailing sign-off line (which the unsteered model never writes)."""
+    lines = text.rstrip().splitlines()
+    if lines and lines[-1].strip() == SIGNOFF:
+        lines = lines[:-1]
+    return "\n".join(lines).rstrip() or text
 
 
 def _discover(runs: Path) -> tuple[list[Path], list[Path]]:
