@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
 __all__ = ["add_train_parser", "main", "run_rahf", "run_red"]
 
@@ -177,6 +178,25 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _shared_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `train red` and `train rahf` share, as config keyword arguments."""
+    return {
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "warmup_ratio": args.warmup_ratio,
+        "weight_decay": args.weight_decay,
+        "max_grad_norm": args.max_grad_norm or None,
+        "max_length": args.max_length,
+        "eval_batch_size": args.eval_batch_size,
+        "seed": args.seed,
+        "device": args.device,
+        "dtype": args.dtype,
+        "checkpoint_dir": args.checkpoint_dir,
+        "checkpoint_every": args.checkpoint_every,
+        "resume": args.resume,
+    }
+
+
 def run_red(args: argparse.Namespace) -> int:
     from .red import RedConfig, train_red
 
@@ -190,22 +210,10 @@ def run_red(args: argparse.Namespace) -> int:
         limit=args.limit,
         eval_limit=args.eval_limit,
         max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
         lr=args.lr,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm or None,
-        max_length=args.max_length,
         eval_every=args.eval_every,
-        eval_batch_size=args.eval_batch_size,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
         description=args.description,
+        **_shared_config(args),
     )
     summary = train_red(cfg)
     print(json.dumps({"artifact": summary["artifact"], **summary["metrics"]}, indent=2))
@@ -244,19 +252,7 @@ def run_rahf(args: argparse.Namespace) -> int:
         extract_limit=args.extract_limit,
         good_instruction=args.good_instruction or GOOD_INSTRUCTION,
         bad_instruction=args.bad_instruction or BAD_INSTRUCTION,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm or None,
-        max_length=args.max_length,
-        eval_batch_size=args.eval_batch_size,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
+        **_shared_config(args),
     )
     summary = train_rahf(cfg)
     m = summary["metrics"]
