@@ -232,7 +232,7 @@ def _validate(art: Artifact) -> None:
 
 def _sniff_container(data: bytes) -> None:
     """Reject anything but a safetensors container, naming what it looks like instead."""
-    if data[:1] == b"\x80":
+    if data[:1] == b"\x80" and data[8:9] != b"{":  # 0x80 may also be the low byte of a header length
         raise ArtifactError("file is a Python pickle, not safetensors; pickles are never loaded")
     if data[:4] == b"PK\x03\x04":
         raise ArtifactError("file is a zip archive (e.g. torch.save output), not safetensors")

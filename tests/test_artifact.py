@@ -80,6 +80,15 @@ def test_serialisation_is_deterministic(model):
     assert back.sha256 == art.sha256 and back.to_bytes() == data
 
 
+def test_header_length_with_low_byte_0x80_is_not_mistaken_for_a_pickle():
+    for pad in range(300):  # some header length among these has 0x80 as its low byte
+        data = _st({"layers.0.direction": torch.ones(4)}, description="x" * pad)
+        if data[0] == 0x80:
+            assert parse_artifact(data).direction(0).tolist() == [1.0] * 4
+            return
+    pytest.fail("no header length with low byte 0x80 was produced")
+
+
 def test_bf16_and_fp16_are_accepted():
     for dt in (torch.float16, torch.bfloat16):
         art = parse_artifact(_st({"layers.0.direction": torch.ones(4, dtype=dt)}))
