@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -121,3 +123,17 @@ def greedy(model, seqs: list[list[int]], steps: int, hooks=None, slots=None) -> 
         for s, t in zip(seqs, nxt, strict=False):
             s.append(t)
     return [s[n:] for s, n in zip(seqs, n0, strict=False)]
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """Value of the sample ``name{labels}`` (exact label set) in a Prometheus exposition, else None."""
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        base, _, rest = key.partition("{")
+        if base != name:
+            continue
+        if dict(re.findall(r'(\w+)="([^"]*)"', rest)) == labels:
+            return float(value)
+    return None

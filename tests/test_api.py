@@ -25,7 +25,7 @@ from server.app import ServerConfig, ServerState, create_app
 from server.engine import SamplingParams
 from server.model import LoadedModel
 from steering_vectors import Artifact
-from tests.helpers import add_artifact, lora_artifact, red_artifact, tiny_llama
+from tests.helpers import add_artifact, lora_artifact, metric, red_artifact, tiny_llama
 
 MODEL_ID = "tiny-llama"
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -83,20 +83,6 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
         payload = line[len("data: "):]
         out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    """Value of the sample ``name{labels}`` (exact label set) in a Prometheus exposition, else None."""
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        base, _, rest = key.partition("{")
-        if base != name:
-            continue
-        if dict(re.findall(r'(\w+)="([^"]*)"', rest)) == labels:
-            return float(value)
-    return None
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from steering_vectors import Artifact
+from tests.helpers import metric
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +41,6 @@ def direction(seed: int, norm: float = 4.0, layers: range | list[int] = range(LA
     v = norm * v / v.norm()
     return Artifact(kind="add", tensors={f"layers.{layer}.direction": v.clone() for layer in layers},
                     hidden_size=HIDDEN, num_layers=LAYERS, model_type="llama", method="mean-diff")
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    """Value of the sample ``name{labels}`` (exact label set) in a Prometheus exposition, else None."""
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        base, _, rest = key.partition("{")
-        if base != name:
-            continue
-        if dict(re.findall(r'(\w+)="([^"]*)"', rest)) == labels:
-            return float(value)
-    return None
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
