@@ -6,7 +6,10 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean system-deps
+BENCH_STAMP := $(VENV)/.bench-installed
+PEERS  := steering-vectors==0.12.2 repeng==0.4.0
+
+.PHONY: install serve test lint bench bench-deps eval clean system-deps
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,8 +48,24 @@ test: install system-deps
 	$(VENV)/bin/ruff check server steering_vectors training tests bench
 	$(PY) -m pytest -q -ra tests
 
-bench: install
+# The peer libraries pin transformers<5 / numpy<2, so they go to their own folder, without their
+# dependencies (bench/peers.py loads them from there).
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev,bench]'
+	$(PIP) install -q --no-deps --upgrade --target bench/.peers $(PEERS)
+	touch $(BENCH_STAMP)
+
+bench-deps: $(BENCH_STAMP)
+
+# the serving benchmarks (< 15 min): bench/out/{hooks,serving}.json and serving.png
+bench: bench-deps
 	$(PY) bench/run_all.py
 
+# training cost (RED vs LoRA, ~12 min) and the alignment evaluation (trains what is missing under
+# runs/align/: about 3 CPU-hours for 3 seeds, then ~1 hour of evaluation)
+eval: bench-deps
+	OMP_NUM_THREADS=1 $(PY) bench/bench_training.py
+	$(PY) bench/eval_alignment.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache bench/.peers

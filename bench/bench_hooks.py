@@ -4,9 +4,11 @@ Configurations, interleaved round by round so that machine noise hits all of the
   none    - no hooks installed
   idle    - hooks installed, no row steered (the fast path)
   steered - a compiled 3-vector profile (RED + two additive vectors) on every layer
+  mix     - RED + an additive vector + a rank-8 LoRA on q_proj/v_proj, on every layer
 
-Usage:  python bench/bench_hooks.py [--rounds 15] [--steps 32] [--batch 1] [--quantization none]
-Prints a table and writes bench/out/hooks.json.
+Usage:  python bench/bench_hooks.py [--rounds 15] [--steps 32] [--batch 1] [--quantization none] [--profile]
+Prints a table and writes bench/out/hooks.json; ``--profile`` also prints where a decode step's time goes
+(torch.profiler, top operators by self CPU time) without hooks and with the ``mix`` profile.
 """
 
 from __future__ import annotations
@@ -53,6 +55,40 @@ def three_vectors(cfg, seed: int = 0) -> list[Artifact]:
     return [red, *adds]
 
 
+def one_vector(cfg, seed: int = 0) -> Artifact:
+    """One additive vector on every layer (norm ~1.2, a mild edit)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    d, n = cfg.hidden_size, cfg.num_hidden_layers
+    return Artifact(
+        kind="add",
+        model_type=cfg.model_type,
+        hidden_size=d,
+        num_layers=n,
+        method="mean-diff",
+        tensors={f"layers.{i}.direction": 0.05 * torch.randn(d, generator=g) for i in range(n)},
+    )
+
+
+def lora(model, seed: int = 0, rank: int = 8) -> Artifact:
+    """A random rank-8 LoRA on ``q_proj`` and ``v_proj`` of every layer."""
+    cfg, g = model.config, torch.Generator().manual_seed(2000 + seed)
+    tensors = {}
+    for i, block in enumerate(model.model.layers):
+        for name in ("q_proj", "v_proj"):
+            lin = getattr(block.self_attn, name)
+            tensors[f"layers.{i}.{name}.lora_A"] = 0.02 * torch.randn(rank, lin.in_features, generator=g)
+            tensors[f"layers.{i}.{name}.lora_B"] = 0.02 * torch.randn(lin.out_features, rank, generator=g)
+    return Artifact(
+        kind="lora",
+        model_type=cfg.model_type,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
+        method="rahf-scit",
+        lora_alpha=16.0,
+        tensors=tensors,
+    )
+
+
 @torch.no_grad()
 def decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
     """Seconds per decode step after a prefill of ``ids`` [B, T]."""
@@ -68,12 +104,36 @@ def decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def profile_steps(model, ids: torch.Tensor, steps: int, profile, batch: int) -> None:
+    """Print the top operators (self CPU time) of ``steps`` decode steps, without hooks and with ``profile``.
+
+    (LoRA per row costs two small batched matmuls per adapted linear and step: ``aten::bmm`` here.)
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for label in ("no hooks", "mix profile"):
+        hooks = None
+        if label != "no hooks":
+            hooks = install_steering(model)
+            hooks.set_batch([hooks.acquire(profile)] * batch, generated=True)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            decode_seconds(model, ids, steps)
+        if hooks is not None:
+            hooks.remove()
+        print(f"--- {label}: {steps} decode steps, top operators by self CPU time")
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=28)
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--quantization", default="none")
+    ap.add_argument("--profile", action="store_true", help="print where a decode step's time goes")
     ap.add_argument("--out", type=Path, default=Path("bench/out/hooks.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -81,21 +141,36 @@ def main() -> None:
     model, tok = loaded.model, loaded.tokenizer
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. " * 3)] * args.batch)
     cfg = model.config
-    profile = compile_profile(
-        [(VectorRef(name=f"v{i}"), a) for i, a in enumerate(three_vectors(model.config))],
-        num_layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-    )
-    times: dict[str, list[float]] = {"none": [], "idle": [], "steered": []}
+    red, add1, add2 = three_vectors(cfg)
+    profiles = {
+        name: compile_profile(
+            [(VectorRef(name=f"v{i}"), a) for i, a in enumerate(arts)],
+            num_layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size,
+        )
+        for name, arts in (("steered", [red, add1, add2]), ("mix", [red, add1, lora(model)]))
+    }
+    times: dict[str, list[float]] = {"none": [], "idle": [], "steered": [], "mix": []}
     decode_seconds(model, ids, 4)  # warm-up
-    for _ in range(args.rounds):
-        times["none"].append(decode_seconds(model, ids, args.steps))
-        hooks = install_steering(model)
-        times["idle"].append(decode_seconds(model, ids, args.steps))
-        slot = hooks.acquire(profile)
-        hooks.set_batch([slot] * args.batch, generated=True)
-        times["steered"].append(decode_seconds(model, ids, args.steps))
-        hooks.remove()
+    for r in range(args.rounds):  # none, idle, steered, mix - and the reverse every other round
+        order = list(times)[:: -1 if r % 2 else 1]
+        hooks = None
+        for name in order:
+            if name == "none":
+                if hooks is not None:
+                    hooks.remove()
+                    hooks = None
+            elif hooks is None:
+                hooks = install_steering(model)
+            if name in profiles:
+                hooks.set_batch([hooks.acquire(profiles[name])] * args.batch, generated=True)
+            elif hooks is not None:
+                hooks.clear_batch()
+            times[name].append(decode_seconds(model, ids, args.steps))
+        if hooks is not None:
+            hooks.remove()
+    if args.profile:
+        profile_steps(model, ids, args.steps, profiles["mix"], args.batch)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "model": loaded.model_id,
@@ -107,6 +182,7 @@ def main() -> None:
         "median_step_ms": {k: 1000 * v for k, v in med.items()},
         "idle_overhead": med["idle"] / med["none"] - 1,
         "steered_overhead": med["steered"] / med["none"] - 1,
+        "mix_overhead": med["mix"] / med["none"] - 1,
     }
     print(
         f"model {loaded.model_id} ({loaded.quantization}, {loaded.dtype}), batch {args.batch}, "

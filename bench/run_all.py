@@ -1,11 +1,18 @@
 """`make bench`: the serving benchmarks, one after the other, each printing its side-by-side table.
 
-bench_hooks.py   decode-step cost of idle and steered hooks (issue: foundation)
-bench_serving.py engine and HTTP throughput, distinct profiles, concurrency, resident memory
+bench_hooks.py   decode-step cost of idle and steered hooks
+bench_serving.py steering overhead at batch 1 and 8, distinct profiles, continuous vs static batching,
+                 the peer libraries, HTTP vs in-process, resident memory (bench/out/serving.{json,png})
+
+Both run with one OpenMP thread (OMP_NUM_THREADS=1 unless set): on a small shared machine the default
+thread team spin-waits against other processes and makes every figure several times noisier.
+The training-cost and alignment evaluations are `make eval` (bench/bench_training.py,
+bench/eval_alignment.py).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -13,8 +20,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RUNS = [
-    ["bench_hooks.py", "--rounds", "15", "--steps", "32"],
-    ["bench_serving.py", "--rounds", "3", "--tokens", "48"],
+    ["bench_hooks.py", "--rounds", "12", "--steps", "32", "--profile"],
+    ["bench_serving.py", "--rounds", "5", "--tokens", "32"],
 ]
 
 
@@ -22,7 +29,8 @@ def main() -> int:
     for script, *args in RUNS:
         t0 = time.monotonic()
         print(f"== {script} {' '.join(args)}", flush=True)
-        rc = subprocess.run([sys.executable, str(HERE / script), *args], cwd=HERE.parent).returncode
+        env = {"OMP_NUM_THREADS": "1", **os.environ}
+        rc = subprocess.run([sys.executable, str(HERE / script), *args], cwd=HERE.parent, env=env).returncode
         print(f"== {script}: exit {rc} in {time.monotonic() - t0:.0f} s", flush=True)
         if rc != 0:
             return rc

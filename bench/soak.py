@@ -116,8 +116,11 @@ def make_request(rng: random.Random, tokens: tuple[int, int], disconnect_share: 
             body["steering"] = steering
     else:
         key = "messages" if route == "/v1/chat/completions" else "prompt"
-        body = {key: [{"role": "user", "content": prompt}] if key == "messages" else prompt,
-                "max_tokens": n, "temperature": 0}
+        body = {
+            key: [{"role": "user", "content": prompt}] if key == "messages" else prompt,
+            "max_tokens": n,
+            "temperature": 0,
+        }
         if steering == PROFILE:
             body["model"] = PROFILE  # OpenAI style: a saved profile as the model
         elif steering is not None:
@@ -125,8 +128,13 @@ def make_request(rng: random.Random, tokens: tuple[int, int], disconnect_share: 
         if stream:
             body["stream_options"] = {"include_usage": True}
     body["stream"] = stream
-    return {"route": route, "body": body, "stream": stream, "steering": label,
-            "disconnect": stream and rng.random() < disconnect_share}
+    return {
+        "route": route,
+        "body": body,
+        "stream": stream,
+        "steering": label,
+        "disconnect": stream and rng.random() < disconnect_share,
+    }
 
 
 async def send(client: httpx.AsyncClient, req: dict, stats: Stats) -> None:
@@ -202,14 +210,28 @@ async def setup_vectors(client: httpx.AsyncClient) -> dict:
         for layer in layers:
             v = torch.randn(d, generator=g)
             tensors[f"layers.{layer}.direction"] = (0.5 + i) * v / v.norm()
-        art = Artifact(kind="add", tensors=tensors, hidden_size=d, num_layers=n,
-                       model_type=cfg.model_type, method="mean-diff")
-        r = await client.post("/v1/vectors", data={"name": name},
-                              files={"file": (f"{name}.safetensors", art.to_bytes())})
+        art = Artifact(
+            kind="add",
+            tensors=tensors,
+            hidden_size=d,
+            num_layers=n,
+            model_type=cfg.model_type,
+            method="mean-diff",
+        )
+        r = await client.post(
+            "/v1/vectors", data={"name": name}, files={"file": (f"{name}.safetensors", art.to_bytes())}
+        )
         r.raise_for_status()
         uploaded[name] = r.json()["sha256"]
-    r = await client.put(f"/v1/profiles/{PROFILE}", json={"vectors": [
-        {"name": "calm", "strength": 0.8}, {"name": "formal", "strength": 0.5, "positions": "generated"}]})
+    r = await client.put(
+        f"/v1/profiles/{PROFILE}",
+        json={
+            "vectors": [
+                {"name": "calm", "strength": 0.8},
+                {"name": "formal", "strength": 0.5, "positions": "generated"},
+            ]
+        },
+    )
     r.raise_for_status()
     return {"model": info["id"], "quantization": info.get("quantization"), "vectors": uploaded}
 
@@ -228,10 +250,15 @@ async def measure_capacity(client: httpx.AsyncClient, args: argparse.Namespace) 
     await asyncio.gather(*(worker() for _ in range(args.max_batch_size)))
     wall = time.perf_counter() - t0
     ok = stats.statuses[200]
-    return {"concurrency": args.max_batch_size, "seconds": round(wall, 1), "requests": ok,
-            "requests_per_s": ok / wall, "tokens_per_s": stats.tokens / wall,
-            "p50_latency_s": _pct(stats.latency_ok, 50),
-            "statuses": {str(k): v for k, v in stats.statuses.items()}}
+    return {
+        "concurrency": args.max_batch_size,
+        "seconds": round(wall, 1),
+        "requests": ok,
+        "requests_per_s": ok / wall,
+        "tokens_per_s": stats.tokens / wall,
+        "p50_latency_s": _pct(stats.latency_ok, 50),
+        "statuses": {str(k): v for k, v in stats.statuses.items()},
+    }
 
 
 async def soak(client: httpx.AsyncClient, args: argparse.Namespace, rate: float, ps: psutil.Process) -> dict:
@@ -264,8 +291,14 @@ async def soak(client: httpx.AsyncClient, args: argparse.Namespace, rate: float,
     wall = arrivals_end - t0
     await asyncio.sleep(2.0)  # let the server settle before the last memory reading
     rss.append((time.monotonic() - t0, ps.memory_info().rss))
-    return {"stats": stats, "sent": sent, "skipped": skipped, "wall": wall, "rss": rss,
-            "unfinished": len(pending)}
+    return {
+        "stats": stats,
+        "sent": sent,
+        "skipped": skipped,
+        "wall": wall,
+        "rss": rss,
+        "unfinished": len(pending),
+    }
 
 
 async def gauges_after(client: httpx.AsyncClient, timeout: float = 60.0) -> dict:
@@ -291,9 +324,11 @@ async def run(args: argparse.Namespace, url: str, ps: psutil.Process) -> dict:
         await send(client, make_request(random.Random(0), args.tokens, 0.0), Stats())  # warm-up
         cap = await measure_capacity(client, args)
         rate = args.overload * cap["requests_per_s"]
-        print(f"capacity: {cap['requests_per_s']:.2f} req/s, {cap['tokens_per_s']:.1f} tokens/s at "
-              f"concurrency {args.max_batch_size}; soak at {rate:.2f} req/s for {args.duration} s",
-              flush=True)
+        print(
+            f"capacity: {cap['requests_per_s']:.2f} req/s, {cap['tokens_per_s']:.1f} tokens/s at "
+            f"concurrency {args.max_batch_size}; soak at {rate:.2f} req/s for {args.duration} s",
+            flush=True,
+        )
         result = await soak(client, args, rate, ps)
         gauges = await gauges_after(client)
     stats: Stats = result["stats"]
@@ -303,8 +338,13 @@ async def run(args: argparse.Namespace, url: str, ps: psutil.Process) -> dict:
     allowed = {"200", "429", "503", "disconnected"}
     other = {k: v for k, v in statuses.items() if k not in allowed}
     return {
-        "server": {"url": url, "max_batch_size": args.max_batch_size, "max_queue": args.max_queue,
-                   "quantization": args.quantization, **setup},
+        "server": {
+            "url": url,
+            "max_batch_size": args.max_batch_size,
+            "max_queue": args.max_queue,
+            "quantization": args.quantization,
+            **setup,
+        },
         "capacity": cap,
         "soak": {
             "duration_s": round(result["wall"], 1),
@@ -350,10 +390,15 @@ def table(report: dict) -> str:
 
     rows = [
         ("capacity", f"{c['requests_per_s']:.2f} req/s, {c['tokens_per_s']:.1f} tok/s @ {c['concurrency']}"),
-        ("offered load",
-         f"{s['offered_rate_per_s']:.2f} req/s ({s['overload_factor']}x) for {s['duration_s']} s"),
-        ("requests sent", f"{s['requests_sent']} (client-skipped {s['client_skipped']}, "
-                          f"unfinished after grace {s['unfinished_after_grace']})"),
+        (
+            "offered load",
+            f"{s['offered_rate_per_s']:.2f} req/s ({s['overload_factor']}x) for {s['duration_s']} s",
+        ),
+        (
+            "requests sent",
+            f"{s['requests_sent']} (client-skipped {s['client_skipped']}, "
+            f"unfinished after grace {s['unfinished_after_grace']})",
+        ),
         *((f"  status {k}", str(v)) for k, v in s["statuses"].items()),
         ("latency 200 p50/p95/p99", " / ".join(f(s["latency_200_s"][p]) for p in ("p50", "p95", "p99"))),
         ("latency 429 p50/p95/p99", " / ".join(f(s["latency_429_s"][p]) for p in ("p50", "p95", "p99"))),
@@ -361,11 +406,16 @@ def table(report: dict) -> str:
         ("tokens/s (200s)", f"{s['tokens_per_s']:.1f}"),
         ("RSS start / end / max", f"{r['start']:.0f} / {r['end']:.0f} / {r['max']:.0f} MiB"),
         ("RSS growth", f"{r['growth_pct']:+.1f} %"),
-        ("Retry-After on 429/503", f"{s['retry_after']['checked'] - s['retry_after']['missing']}"
-                                    f"/{s['retry_after']['checked']}"),
-        ("gauges after / ready", f"running {report['after'].get('steer_running_requests')}, waiting "
-                                 f"{report['after'].get('steer_waiting_requests')}, /ready "
-                                 f"{report['after'].get('ready')}"),
+        (
+            "Retry-After on 429/503",
+            f"{s['retry_after']['checked'] - s['retry_after']['missing']}/{s['retry_after']['checked']}",
+        ),
+        (
+            "gauges after / ready",
+            f"running {report['after'].get('steer_running_requests')}, waiting "
+            f"{report['after'].get('steer_waiting_requests')}, /ready "
+            f"{report['after'].get('ready')}",
+        ),
         *((f"verdict: {k}", str(v)) for k, v in report["verdict"].items()),
     ]
     w = max(len(k) for k, _ in rows)
@@ -399,12 +449,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         log = Path(tmp) / "server.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("STEERSERVE_")}
-        cmd = [_steerserve(), "serve", "--port", str(port), "--vector-dir", str(Path(tmp) / "vectors"),
-               "--quantization", args.quantization, "--max-batch-size", str(args.max_batch_size),
-               "--max-queue", str(args.max_queue), "--log-level", "warning"]
+        cmd = [
+            _steerserve(),
+            "serve",
+            "--port",
+            str(port),
+            "--vector-dir",
+            str(Path(tmp) / "vectors"),
+            "--quantization",
+            args.quantization,
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--max-queue",
+            str(args.max_queue),
+            "--log-level",
+            "warning",
+        ]
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         try:
             deadline = time.monotonic() + 600
             while True:

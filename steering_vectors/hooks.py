@@ -8,8 +8,10 @@ each hooked site then applies its edit with one gather and one elementwise op fo
     resid (decoder layer output): h[b,t] = h[b,t] + V[l, idx[b,t]]
     lora  (linear l.m):           y[b,t] = y[b,t] + ((x[b,t] A[slot_b]^T) * M[idx[b,t]]) B[slot_b]^T
 
-with ``idx = 2*slot + is_generated``. A batch whose rows are all unsteered, or a layer no row
-steers, returns from the hook at once (fast path). Removing the handle removes only these hooks.
+with ``idx = 2*slot + is_generated``. When ``idx`` is per row (decode steps, position-independent
+profiles) the tables are gathered once per batch map, with ``M`` folded into ``A`` for LoRA, and reused
+by the following steps while the map is unchanged. A batch whose rows are all unsteered, or a layer no
+row steers, returns from the hook at once (fast path). Removing the handle removes only these hooks.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class _Batch:
     ffn_s: torch.Tensor | None = None
     ffn_b: torch.Tensor | None = None
     resid_b: torch.Tensor | None = None
+    # ... and so are the LoRA matrices, with the per-row scaling folded into A:
+    # {(layer, module): (A^T * m [B, d_in, R], B^T [B, R, d_out])}
+    lora_ab: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +85,8 @@ class SteeringHooks:
     _by_fp: dict[str, int] = field(default_factory=dict)
     _handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     _batch: _Batch | None = None
+    _version: int = 0  # bumped whenever a slot's contents change; keys the batch cache
+    _cached: tuple[tuple, _Batch] | None = None  # (slots, generated, version) -> gathered batch
 
     # ---- installation -------------------------------------------------------------------------
     def _install(self, initial_slots: int) -> None:
@@ -104,7 +111,7 @@ class SteeringHooks:
         self._lora.clear()
         self._slots.clear()
         self._by_fp.clear()
-        self._batch = None
+        self._batch = self._cached = None
 
     def __enter__(self) -> SteeringHooks:
         return self
@@ -153,6 +160,7 @@ class SteeringHooks:
             free = self._cap
             self._grow(min(self._cap * 2, self.max_slots))
         self._write(free, profile)
+        self._version += 1
         self._slots[free] = _Slot(
             fingerprint=profile.fingerprint,
             refs=1,
@@ -175,6 +183,7 @@ class SteeringHooks:
         if info.refs > 0:
             return
         del self._slots[slot], self._by_fp[info.fingerprint]
+        self._version += 1
         rows = slice(2 * slot, 2 * slot + 2)
         self._ffn_s[:, rows] = 1.0
         self._ffn_b[:, rows] = 0.0
@@ -236,7 +245,15 @@ class SteeringHooks:
             self._batch = None
 
     def set_batch(self, slots: Sequence[int], generated: bool | torch.Tensor = False) -> None:
-        """State the row -> slot map for the next forward passes (see :meth:`batch`)."""
+        """State the row -> slot map for the next forward passes (see :meth:`batch`).
+
+        Decode steps repeat the same map: the gathered tables of the last call are reused while the
+        map, the ``generated`` flag and every slot's contents are unchanged.
+        """
+        key = None if isinstance(generated, torch.Tensor) else (tuple(slots), bool(generated), self._version)
+        if key is not None and self._cached is not None and self._cached[0] == key:
+            self._batch = self._cached[1]
+            return
         used = set(slots) - {0}
         unknown = used - self._slots.keys()
         if unknown:
@@ -264,7 +281,13 @@ class SteeringHooks:
                 batch.ffn_s, batch.ffn_b = self._ffn_s[:, idx], self._ffn_b[:, idx]  # [L, B, 1, d]
             if batch.resid:
                 batch.resid_b = self._resid_b[:, idx]  # [L, B, 1, d]
+            for k in batch.lora:
+                t = self._lora[k]
+                a = t.a[rows] * t.m[idx[:, 0]][:, :, None]  # [B, R, d_in] * [B, R, 1]
+                batch.lora_ab[k] = (a.transpose(1, 2).contiguous(), t.b[rows].transpose(1, 2).contiguous())
         self._batch = batch
+        if key is not None:
+            self._cached = (key, batch)
 
     def clear_batch(self) -> None:
         self._batch = None
@@ -298,8 +321,11 @@ class SteeringHooks:
             b = self._batch
             if b is None or key not in b.lora:
                 return None
-            t = self._lora[key]
             x = args[0]  # [B, T, d_in]
+            ab = b.lora_ab.get(key)
+            if ab is not None:  # pre-gathered, scaling folded into A
+                return out + torch.matmul(torch.matmul(x, ab[0]), ab[1])  # [B,T,d_in]@[B,d_in,R]@[B,R,d_out]
+            t = self._lora[key]
             u = torch.matmul(x, t.a[b.rows].transpose(1, 2))  # [B, T, R]
             u = u * t.m[b.idx]  # [B, T, R]
             return out + torch.matmul(u, t.b[b.rows].transpose(1, 2))  # [B, T, d_out]

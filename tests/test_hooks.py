@@ -217,6 +217,28 @@ def test_lora_per_row_equals_merged_weights():
     assert torch.equal(out[1], base[1]) and torch.equal(out[3], base[3])
 
 
+def test_reused_batch_map_follows_slot_contents():
+    """The gathered tables of a batch map are reused across steps, never past a change of a slot."""
+    model = tiny_llama()
+    p_lora = compiled(model, (lora_artifact(model), {}))
+    p_red = compiled(model, (red_artifact(model), {}))
+    with steering(model) as hooks:
+        slot = hooks.acquire(p_red)
+        hooks.set_batch([slot, 0, slot, 0])
+        first = padded_logits(model, SEQS)
+        hooks.set_batch([slot, 0, slot, 0])  # the same map again: reused
+        assert torch.equal(padded_logits(model, SEQS), first)
+        hooks.release(slot)
+        assert hooks.acquire(p_lora) == slot  # the same slot index, other contents
+        hooks.set_batch([slot, 0, slot, 0])
+        again = padded_logits(model, SEQS)
+        hooks.clear_batch()
+    with steering(model) as fresh:
+        with fresh.batch([fresh.acquire(p_lora), 0, fresh.acquire(p_lora), 0]):
+            expected = padded_logits(model, SEQS)
+    assert torch.equal(again, expected) and not torch.equal(again, first)
+
+
 def test_fold_equals_hooks_and_removal_restores_bitwise():
     model = tiny_llama()
     arts = [red_artifact(model), add_artifact(model), lora_artifact(model)]

@@ -1,0 +1,361 @@
+"""Alignment quality on held-out prompts: RED and RAHF against the base model and two baselines, 3 seeds.
+
+The small-scale analogue of the RED and RAHF papers' tables, on the tone preference demo set
+(``training/data/tone_pref_{train,test}.jsonl``: polite vs rude replies with the same content).
+
+Methods (every one trained on the same 336 training pairs, ``runs/align/<method>/seed<N>/``):
+
+==============  ==========================================================================================
+base            the unsteered default model
+red             ``steerserve train red`` on the chosen replies (SFT), kind ``red``
+rahf-scit       ``steerserve train rahf --variant scit``: its ``add`` vector and its ``lora`` adapter
+rahf-dual       ``steerserve train rahf --variant dual``: its ``add`` vector and its ``lora`` adapter
+mean-diff       the ``steering-vectors`` library's mean-difference vector (``bench/align_baselines.py``)
+dpo             TRL's DPO with a peft LoRA r8 on q/v (``bench/align_baselines.py``)
+==============  ==========================================================================================
+
+Every artifact is applied at strength 1 through the serving hooks (``eval_training.Steered``). Metrics:
+
+* ``pref_acc``: share of the 84 held-out pairs whose chosen reply gets the higher summed log-probability;
+* ``vader``: mean VADER compound score (an external lexicon scorer, −1 … 1) of the greedy replies to the
+  84 held-out prompts;
+* ``ppl``: fluency — perplexity, under the *base* model, of the greedy replies to neutral prompts (the
+  first ``--neutral`` questions of ``signoff_inst_test.jsonl``; the sign-off line is not in the prompts);
+* ``distinct2``: distinct bigrams / all bigrams over those neutral replies (pooled; low = repetitive).
+
+Usage::
+
+    python bench/eval_alignment.py                 # train what is missing, evaluate, report
+    python bench/eval_alignment.py train --seeds 0 1 2 --methods red dpo
+    python bench/eval_alignment.py eval            # evaluate every artifact under runs/align/
+    python bench/eval_alignment.py report          # table (markdown) and bench/out/alignment.png
+
+Evaluations are cached per artifact sha256 in ``bench/out/align/``; training skips runs whose artifacts
+exist. Measured on the 2-core CPU machine, one thread per run: per seed RAHF-SCIT ~17 min, RAHF-Dual
+~16 min, DPO 13–20 min, RED ~8 min, mean-diff ~3 min (about 3 CPU-hours for 3 seeds; two runs side by
+side halve the wall time), then 2–3 minutes of evaluation per artifact (25 artifacts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from eval_training import Steered  # bench/ is on sys.path when a script here runs
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.model import load_model  # noqa: E402
+from steering_vectors import install_steering, load_artifact  # noqa: E402
+from training.data import demo_path, load_instructions, load_preferences  # noqa: E402
+
+RUNS = ROOT / "runs" / "align"
+CACHE = ROOT / "bench" / "out" / "align"
+TRAIN = "training/data/tone_pref_train.jsonl"
+TEST = "training/data/tone_pref_test.jsonl"
+EXE = str(Path(sys.executable).parent / "steerserve")
+PY = sys.executable
+
+# method -> (artifact files it writes, command for seed s into directory d)
+METHODS: dict[str, tuple[tuple[str, ...], object]] = {
+    "red": (
+        ("red.safetensors",),
+        lambda s, d: [
+            EXE,
+            "train",
+            "red",
+            "--data",
+            TRAIN,
+            "--eval-data",
+            TEST,
+            "--seed",
+            str(s),
+            "--out",
+            f"{d}/red.safetensors",
+        ],
+    ),
+    "rahf-scit": (
+        ("add.safetensors", "lora.safetensors"),
+        lambda s, d: [
+            EXE,
+            "train",
+            "rahf",
+            "--variant",
+            "scit",
+            "--data",
+            TRAIN,
+            "--eval-data",
+            TEST,
+            "--seed",
+            str(s),
+            "--out-dir",
+            str(d),
+        ],
+    ),
+    "rahf-dual": (
+        ("add.safetensors", "lora.safetensors"),
+        lambda s, d: [
+            EXE,
+            "train",
+            "rahf",
+            "--variant",
+            "dual",
+            "--data",
+            TRAIN,
+            "--eval-data",
+            TEST,
+            "--seed",
+            str(s),
+            "--out-dir",
+            str(d),
+        ],
+    ),
+    "mean-diff": (
+        ("add.safetensors",),
+        lambda s, d: [
+            PY,
+            "bench/align_baselines.py",
+            "mean-diff",
+            "--seed",
+            str(s),
+            "--out",
+            f"{d}/add.safetensors",
+        ],
+    ),
+    "dpo": (
+        ("lora.safetensors",),
+        lambda s, d: [
+            PY,
+            "bench/align_baselines.py",
+            "dpo",
+            "--seed",
+            str(s),
+            "--out",
+            f"{d}/lora.safetensors",
+        ],
+    ),
+}
+# table rows: (label, method, artifact file)
+ROWS = [
+    ("base model", None, None),
+    ("RED", "red", "red.safetensors"),
+    ("RAHF-SCIT vector", "rahf-scit", "add.safetensors"),
+    ("RAHF-SCIT LoRA", "rahf-scit", "lora.safetensors"),
+    ("RAHF-Dual vector", "rahf-dual", "add.safetensors"),
+    ("RAHF-Dual LoRA", "rahf-dual", "lora.safetensors"),
+    ("mean-diff (steering-vectors)", "mean-diff", "add.safetensors"),
+    ("DPO LoRA (TRL)", "dpo", "lora.safetensors"),
+]
+METRICS = ("pref_acc", "vader", "ppl", "distinct2")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Run the missing training runs, ``--jobs`` at a time (one OpenMP thread each by default)."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    todo = []
+    for method in args.methods:
+        files, command = METHODS[method]
+        for s in args.seeds:
+            d = RUNS / method / f"seed{s}"
+            if all((d / f).exists() for f in files):
+                print(f"[train] {method} seed {s}: present in {d.relative_to(ROOT)}", flush=True)
+            else:
+                todo.append((method, s, command(s, d.relative_to(ROOT)), d))
+
+    def run(item) -> None:
+        method, s, cmd, d = item
+        d.mkdir(parents=True, exist_ok=True)
+        print(f"[train] {' '.join(map(str, cmd))}  (log: {d.relative_to(ROOT)}/train.log)", flush=True)
+        t0 = time.monotonic()
+        with open(d / "train.log", "w") as log:
+            subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+        print(f"[train] {method} seed {s}: {time.monotonic() - t0:.0f} s", flush=True)
+
+    with cf.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for f in [pool.submit(run, item) for item in todo]:
+            f.result()
+
+
+def distinct2(texts: list[str]) -> float:
+    """Distinct bigrams over all bigrams of the whitespace tokens of ``texts`` (pooled)."""
+    grams = [tuple(w[i : i + 2]) for t in texts for w in [t.split()] for i in range(len(w) - 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def evaluate(st: Steered, base: Steered, pairs, neutral, args, vader) -> dict:
+    """The four metrics of one steered model (see the module docstring)."""
+    lp_c = st.response_logprobs([(p.prompt, p.chosen) for p in pairs], args.batch_size)
+    lp_r = st.response_logprobs([(p.prompt, p.rejected) for p in pairs], args.batch_size)
+    tone = st.generate([p.prompt for p in pairs], args.max_new_tokens, args.batch_size)
+    neutral_prompts = [it.prompt for it in neutral]
+    gens = st.generate(neutral_prompts, args.max_new_tokens, args.batch_size)
+    scored = base.response_logprobs(list(zip(neutral_prompts, gens, strict=True)), args.batch_size, True)
+    nll = -sum(s for s, _ in scored) / max(1, sum(n for _, n in scored))
+    return {
+        "pref_acc": 100 * sum(c[0] > r[0] for c, r in zip(lp_c, lp_r, strict=True)) / len(pairs),
+        "vader": statistics.fmean(vader.polarity_scores(g)["compound"] for g in tone),
+        "ppl": math.exp(nll),
+        "distinct2": distinct2(gens),
+        "samples": {"tone": tone[:3], "neutral": gens[:3]},
+    }
+
+
+def _artifacts() -> list[tuple[str, str, int, Path]]:
+    out = []
+    for label, method, fname in ROWS[1:]:
+        for d in sorted((RUNS / method).glob("seed*")):
+            if (d / fname).exists():
+                out.append((label, method, int(d.name[4:]), d / fname))
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    settings = {"max_new_tokens": args.max_new_tokens, "neutral": args.neutral}
+    lm = load_model(None, quantization="none", dtype="float32", device="cpu")
+    hooks = install_steering(lm.model)
+    base = Steered(lm, hooks)
+    pairs = load_preferences(demo_path("tone_pref", "test"))
+    neutral = load_instructions(demo_path("signoff_inst", "test"))[: args.neutral]
+    todo = [("base model", None, 0, None), *_artifacts()]
+    for label, method, seed, path in todo:
+        art = load_artifact(path) if path is not None else None
+        key = art.sha256[:16] if art is not None else "base"
+        cache = CACHE / f"{key}.json"
+        if cache.exists() and json.loads(cache.read_text()).get("settings") == settings:
+            continue
+        t0 = time.monotonic()
+        st = Steered(lm, hooks, art, 1.0)
+        try:
+            res = evaluate(st, base, pairs, neutral, args, vader)
+        finally:
+            st.close()
+        row = {
+            "label": label,
+            "method": method,
+            "seed": seed,
+            "artifact": str(path.relative_to(ROOT)) if path else None,
+            "settings": settings,
+            **res,
+            "eval_s": round(time.monotonic() - t0, 1),
+        }
+        cache.write_text(json.dumps(row, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
+
+
+def _fmt(metric: str, vals: list[float]) -> str:
+    digits = {"pref_acc": 1, "vader": 3, "ppl": 2, "distinct2": 3}[metric]
+    mean = statistics.fmean(vals)
+    if len(vals) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*.json"))]
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    table = []
+    lines = [
+        "| method | seeds | preference accuracy % | VADER compound | fluency ppl (base model) | distinct-2 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, _m, _f in ROWS:
+        rs = sorted(by_label.get(label, []), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        vals = {m: [r[m] for r in rs] for m in METRICS}
+        seeds = "—" if rs[0]["method"] is None else ",".join(str(r["seed"]) for r in rs)
+        lines.append(f"| {label} | {seeds} | " + " | ".join(_fmt(m, vals[m]) for m in METRICS) + " |")
+        table.append(
+            {
+                "label": label,
+                "seeds": [r["seed"] for r in rs],
+                **{
+                    m: {
+                        "mean": statistics.fmean(v),
+                        "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+                        "values": v,
+                    }
+                    for m, v in vals.items()
+                },
+            }
+        )
+    md = "\n".join(lines)
+    print(md)
+    out = ROOT / "bench" / "out"
+    (out / "alignment.json").write_text(json.dumps({"rows": table}, indent=2) + "\n")
+    (out / "alignment.md").write_text(md + "\n")
+    _plot(table, out / "alignment.png")
+    print(f"wrote {out / 'alignment.md'}, {out / 'alignment.json'}, {out / 'alignment.png'}")
+
+
+def _plot(table: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [t["label"].replace(" (", "\n(") for t in table]
+    titles = {
+        "pref_acc": "preference accuracy (%)",
+        "vader": "VADER compound (tone replies)",
+        "ppl": "perplexity under base model (neutral replies)",
+        "distinct2": "distinct-2 (neutral replies)",
+    }
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    for ax, m in zip(axes.flat, METRICS, strict=True):
+        ax.bar(
+            range(len(table)),
+            [t[m]["mean"] for t in table],
+            yerr=[t[m]["sd"] for t in table],
+            capsize=3,
+            color=["#888"] + ["#3a7"] * 5 + ["#c73"] * 2,
+        )
+        ax.set_xticks(range(len(table)), labels, rotation=40, ha="right", fontsize=7)
+        ax.set_title(titles[m], fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Alignment on held-out tone prompts, SmolLM2-135M-Instruct (mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", nargs="?", choices=("all", "train", "eval", "report"), default="all")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--neutral", type=int, default=36, help="neutral prompts for the fluency metrics")
+    ap.add_argument("--batch-size", type=int, default=28)
+    ap.add_argument("--jobs", type=int, default=2, help="training runs side by side")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command in ("all", "train"):
+        cmd_train(args)
+    if args.command in ("all", "eval"):
+        cmd_eval(args)
+    if args.command in ("all", "report"):
+        cmd_report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
