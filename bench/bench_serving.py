@@ -177,16 +177,9 @@ def run_static(lm, hooks, work: list[dict], max_batch: int = 8) -> dict:
             [[0] * (width - len(work[j]["prompt"])) + [1] * len(work[j]["prompt"]) for j in group]
         )
         longest = max(work[j]["tokens"] for j in group)
-        slots = [hooks.acquire(work[j]["profile"]) for j in group]
+        slots = [hooks.acquire(work[j]["profile"]) if work[j]["profile"] else 0 for j in group]
         with hooks.batch(slots):
-            model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=longest,
-                min_new_tokens=longest,
-                do_sample=False,
-                pad_token_id=pad,
-            )
+            hf_generate(model, {"input_ids": ids, "attention_mask": mask, "pad_id": pad}, longest)
         for s in slots:
             hooks.release(s)
         done = time.perf_counter() - t0

@@ -66,6 +66,25 @@ TEST = "training/data/tone_pref_test.jsonl"
 EXE = str(Path(sys.executable).parent / "steerserve")
 PY = sys.executable
 
+
+def _rahf(variant: str, seed: int, out_dir) -> list[str]:
+    return [
+        EXE,
+        "train",
+        "rahf",
+        "--variant",
+        variant,
+        "--data",
+        TRAIN,
+        "--eval-data",
+        TEST,
+        "--seed",
+        str(seed),
+        "--out-dir",
+        str(out_dir),
+    ]
+
+
 # method -> (artifact files it writes, command for seed s into directory d)
 METHODS: dict[str, tuple[tuple[str, ...], object]] = {
     "red": (
@@ -84,42 +103,8 @@ METHODS: dict[str, tuple[tuple[str, ...], object]] = {
             f"{d}/red.safetensors",
         ],
     ),
-    "rahf-scit": (
-        ("add.safetensors", "lora.safetensors"),
-        lambda s, d: [
-            EXE,
-            "train",
-            "rahf",
-            "--variant",
-            "scit",
-            "--data",
-            TRAIN,
-            "--eval-data",
-            TEST,
-            "--seed",
-            str(s),
-            "--out-dir",
-            str(d),
-        ],
-    ),
-    "rahf-dual": (
-        ("add.safetensors", "lora.safetensors"),
-        lambda s, d: [
-            EXE,
-            "train",
-            "rahf",
-            "--variant",
-            "dual",
-            "--data",
-            TRAIN,
-            "--eval-data",
-            TEST,
-            "--seed",
-            str(s),
-            "--out-dir",
-            str(d),
-        ],
-    ),
+    "rahf-scit": (("add.safetensors", "lora.safetensors"), lambda s, d: _rahf("scit", s, d)),
+    "rahf-dual": (("add.safetensors", "lora.safetensors"), lambda s, d: _rahf("dual", s, d)),
     "mean-diff": (
         ("add.safetensors",),
         lambda s, d: [
