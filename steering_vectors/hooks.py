@@ -9,9 +9,9 @@ each hooked site then applies its edit with one gather and one elementwise op fo
     lora  (linear l.m):           y[b,t] = y[b,t] + ((x[b,t] A[slot_b]^T) * M[idx[b,t]]) B[slot_b]^T
 
 with ``idx = 2*slot + is_generated``. When ``idx`` is per row (decode steps, position-independent
-profiles) the tables are gathered once per batch map, with ``M`` folded into ``A`` for LoRA, and reused
-by the following steps while the map is unchanged. A batch whose rows are all unsteered, or a layer no
-row steers, returns from the hook at once (fast path). Removing the handle removes only these hooks.
+profiles) the tables are gathered once per batch map and reused by the following steps while the map is
+unchanged. A batch whose rows are all unsteered, or a layer no row steers, returns from the hook at once
+(fast path). Removing the handle removes only these hooks.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ class _Batch:
     ffn_s: torch.Tensor | None = None
     ffn_b: torch.Tensor | None = None
     resid_b: torch.Tensor | None = None
-    # ... and so are the LoRA matrices, with the per-row scaling folded into A:
-    # {(layer, module): (A^T * m [B, d_in, R], B^T [B, R, d_out])}
-    lora_ab: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # ... and so are the LoRA tables: {(layer, module): (A^T [B, d_in, R], M [B, 1, R], B^T [B, R, d_out])}
+    lora_ab: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass
@@ -283,8 +284,7 @@ class SteeringHooks:
                 batch.resid_b = self._resid_b[:, idx]  # [L, B, 1, d]
             for k in batch.lora:
                 t = self._lora[k]
-                a = t.a[rows] * t.m[idx[:, 0]][:, :, None]  # [B, R, d_in] * [B, R, 1]
-                batch.lora_ab[k] = (a.transpose(1, 2).contiguous(), t.b[rows].transpose(1, 2).contiguous())
+                batch.lora_ab[k] = (t.a[rows].transpose(1, 2), t.m[idx], t.b[rows].transpose(1, 2))
         self._batch = batch
         if key is not None:
             self._cached = (key, batch)
@@ -323,12 +323,12 @@ class SteeringHooks:
                 return None
             x = args[0]  # [B, T, d_in]
             ab = b.lora_ab.get(key)
-            if ab is not None:  # pre-gathered, scaling folded into A
-                return out + torch.matmul(torch.matmul(x, ab[0]), ab[1])  # [B,T,d_in]@[B,d_in,R]@[B,R,d_out]
-            t = self._lora[key]
-            u = torch.matmul(x, t.a[b.rows].transpose(1, 2))  # [B, T, R]
-            u = u * t.m[b.idx]  # [B, T, R]
-            return out + torch.matmul(u, t.b[b.rows].transpose(1, 2))  # [B, T, d_out]
+            if ab is None:  # per-token idx: gather here
+                t = self._lora[key]
+                ab = (t.a[b.rows].transpose(1, 2), t.m[b.idx], t.b[b.rows].transpose(1, 2))
+            a_t, m, b_t = ab
+            u = torch.matmul(x, a_t) * m  # [B, T, d_in] @ [B, d_in, R] * [B, 1|T, R]
+            return out + torch.matmul(u, b_t)  # [B, T, R] @ [B, R, d_out]
 
         return hook
 
