@@ -63,7 +63,7 @@ class _Batch:
     ffn_b: torch.Tensor | None = None
     resid_b: torch.Tensor | None = None
     # ... and so are the LoRA tables: {(layer, module): (A^T [B, d_in, R], M [B, 1, R], B^T [B, R, d_out])}
-    lora_ab: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+    lora_tables: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )
 
@@ -284,7 +284,7 @@ class SteeringHooks:
                 batch.resid_b = self._resid_b[:, idx]  # [L, B, 1, d]
             for k in batch.lora:
                 t = self._lora[k]
-                batch.lora_ab[k] = (t.a[rows].transpose(1, 2), t.m[idx], t.b[rows].transpose(1, 2))
+                batch.lora_tables[k] = (t.a[rows].transpose(1, 2), t.m[idx], t.b[rows].transpose(1, 2))
         self._batch = batch
         if key is not None:
             self._cached = (key, batch)
@@ -322,7 +322,7 @@ class SteeringHooks:
             if b is None or key not in b.lora:
                 return None
             x = args[0]  # [B, T, d_in]
-            ab = b.lora_ab.get(key)
+            ab = b.lora_tables.get(key)
             if ab is None:  # per-token idx: gather here
                 t = self._lora[key]
                 ab = (t.a[b.rows].transpose(1, 2), t.m[b.idx], t.b[b.rows].transpose(1, 2))
