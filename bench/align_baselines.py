@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from peers import peer_steering_vectors  # noqa: E402
 
-from server.model import load_model  # noqa: E402
+from basemodel import load_model  # noqa: E402
 from steering_vectors import Artifact  # noqa: E402
 from training.common import peak_rss_mb, set_seed, write_artifact  # noqa: E402
 from training.data import demo_path, load_preferences  # noqa: E402

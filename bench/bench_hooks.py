@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from server.model import load_model
+from basemodel import load_model
 from steering_vectors import Artifact, VectorRef, compile_profile, install_steering
 
 

@@ -38,8 +38,8 @@ import psutil
 import torch
 from bench_hooks import lora, one_vector, three_vectors  # bench/ is on sys.path when a script here runs
 
+from basemodel import load_model
 from server.engine import Engine, SamplingParams
-from server.model import load_model
 from steering_vectors import Artifact, VectorRef, compile_profile, install_steering
 
 PROMPTS = [

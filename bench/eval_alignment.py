@@ -55,7 +55,7 @@ from eval_training import Steered  # bench/ is on sys.path when a script here ru
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.model import load_model  # noqa: E402
+from basemodel import load_model  # noqa: E402
 from steering_vectors import install_steering, load_artifact  # noqa: E402
 from training.data import demo_path, load_instructions, load_preferences  # noqa: E402
 

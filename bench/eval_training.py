@@ -38,7 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.model import load_model  # noqa: E402
+from basemodel import load_model  # noqa: E402
 from steering_vectors import compile_profile, install_steering, load_artifact  # noqa: E402
 from steering_vectors.profile import VectorRef  # noqa: E402
 from training.common import IGNORE_INDEX, collate, encode  # noqa: E402

@@ -198,7 +198,7 @@ async def setup_vectors(client: httpx.AsyncClient) -> dict:
     info = (await client.get("/v1/models")).json()["data"][0]
     from transformers import AutoConfig
 
-    from server.model import prepare_default_model
+    from basemodel import prepare_default_model
 
     cfg = AutoConfig.from_pretrained(prepare_default_model(quiet=True), local_files_only=True)
     d, n = cfg.hidden_size, cfg.num_hidden_layers

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from basemodel import LoadedModel, load_model
 from steering_vectors import (
     ArtifactError,
     CompiledProfile,
@@ -43,7 +44,6 @@ from .engine import (
     SamplingParams,
 )
 from .metrics import Metrics
-from .model import LoadedModel, load_model
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,

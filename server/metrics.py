@@ -37,38 +37,87 @@ __all__ = [
 
 #: Request, time-to-first-token and queue-wait latencies: 1 ms to 5 minutes.
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
 )
 #: Time between two tokens of one request: 1 ms to 10 s, finer where decode steps land.
 INTER_TOKEN_BUCKETS = (
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 #: Rows per forward step.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 #: Route templates of SPEC §6; any other route is labelled ``other``.
-ROUTES = frozenset({
-    "/generate",
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/models",
-    "/v1/vectors",
-    "/v1/vectors/{name}",
-    "/v1/profiles",
-    "/v1/profiles/{name}",
-    "/health",
-    "/ready",
-    "/metrics",
-})
+ROUTES = frozenset(
+    {
+        "/generate",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/vectors",
+        "/v1/vectors/{name}",
+        "/v1/profiles",
+        "/v1/profiles/{name}",
+        "/health",
+        "/ready",
+        "/metrics",
+    }
+)
 #: ``steer_vector_uploads_total{result}`` values.
 UPLOAD_RESULTS = (
-    "created", "invalid", "incompatible", "too_large", "unauthorized", "forbidden", "other",
+    "created",
+    "invalid",
+    "incompatible",
+    "too_large",
+    "unauthorized",
+    "forbidden",
+    "other",
 )
 #: ``steer_rejected_requests_total{reason}`` values.
 REJECT_REASONS = (
-    "queue_full", "draining", "not_ready", "too_large", "invalid", "unauthorized", "forbidden", "not_found",
-    "context_length", "other",
+    "queue_full",
+    "draining",
+    "not_ready",
+    "too_large",
+    "invalid",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "context_length",
+    "other",
 )
 _OTHER = "other"
 
@@ -85,24 +134,34 @@ class Metrics:
         r = self.registry
         # prometheus_client appends "_total" to counter names: these are exposed as steer_*_total.
         self.requests = Counter(
-            "steer_requests", "HTTP requests by route template and status code", ["route", "status"],
+            "steer_requests",
+            "HTTP requests by route template and status code",
+            ["route", "status"],
             registry=r,
         )
         self.request_duration = Histogram(
-            "steer_request_duration_seconds", "Time from request received to response complete",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "steer_request_duration_seconds",
+            "Time from request received to response complete",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
-            "steer_time_to_first_token_seconds", "Time from request received to its first generated token",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "steer_time_to_first_token_seconds",
+            "Time from request received to its first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "steer_inter_token_latency_seconds", "Time between consecutive generated tokens of a request",
-            buckets=INTER_TOKEN_BUCKETS, registry=r,
+            "steer_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of a request",
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "steer_queue_wait_seconds", "Time a request waited before joining the running batch",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "steer_queue_wait_seconds",
+            "Time a request waited before joining the running batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter("steer_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("steer_generation_tokens", "Tokens generated", registry=r)
@@ -119,11 +178,15 @@ class Metrics:
             "steer_vector_uploads", "Vector uploads by result", ["result"], registry=r
         )
         self.rejected_requests = Counter(
-            "steer_rejected_requests", "Requests rejected before generation, by reason", ["reason"],
+            "steer_rejected_requests",
+            "Requests rejected before generation, by reason",
+            ["reason"],
             registry=r,
         )
         self.model_info = Gauge(
-            "steer_model_info", "The served model (value 1)", ["model", "quantization", "device", "dtype"],
+            "steer_model_info",
+            "The served model (value 1)",
+            ["model", "quantization", "device", "dtype"],
             registry=r,
         )
         for result in UPLOAD_RESULTS:  # fixed label sets: every series exists from the start (rate() works)

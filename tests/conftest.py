@@ -11,7 +11,7 @@ from helpers import tiny_llama
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from server.model import prepare_default_model
+    from basemodel import prepare_default_model
 
     return prepare_default_model(quiet=True)
 
@@ -30,7 +30,14 @@ def tokenizer(default_model_dir):
 @pytest.fixture
 def tiny_loaded(tokenizer):
     """A LoadedModel around a tiny random Llama with SmolLM2's tokenizer."""
-    from server.model import LoadedModel
+    from basemodel import LoadedModel
 
-    return LoadedModel(model=tiny_llama(), tokenizer=tokenizer, model_id="tiny-llama", path=Path("."),
-                       quantization="none", dtype=torch.float32, device=torch.device("cpu"))
+    return LoadedModel(
+        model=tiny_llama(),
+        tokenizer=tokenizer,
+        model_id="tiny-llama",
+        path=Path("."),
+        quantization="none",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )

@@ -21,9 +21,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from basemodel import LoadedModel
 from server.app import ServerConfig, ServerState, create_app
 from server.engine import SamplingParams
-from server.model import LoadedModel
 from steering_vectors import Artifact
 from tests.helpers import add_artifact, lora_artifact, metric, red_artifact, tiny_llama
 
@@ -35,8 +35,15 @@ WRONG = {"Authorization": "Bearer not-the-key"}
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 def loaded_model(tokenizer: Any, seed: int = 0) -> LoadedModel:
-    return LoadedModel(model=tiny_llama(seed), tokenizer=tokenizer, model_id=MODEL_ID, path=Path("."),
-                       quantization="none", dtype=torch.float32, device=torch.device("cpu"))
+    return LoadedModel(
+        model=tiny_llama(seed),
+        tokenizer=tokenizer,
+        model_id=MODEL_ID,
+        path=Path("."),
+        quantization="none",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
 
 
 def check_error(resp: httpx.Response, status: int) -> dict[str, Any]:
@@ -52,12 +59,19 @@ def check_error(resp: httpx.Response, status: int) -> dict[str, Any]:
     return err
 
 
-def upload(client: TestClient, name: str, data: bytes | Artifact, headers: dict[str, str] | None = None,
-           filename: str = "vector.safetensors", description: str | None = None) -> httpx.Response:
+def upload(
+    client: TestClient,
+    name: str,
+    data: bytes | Artifact,
+    headers: dict[str, str] | None = None,
+    filename: str = "vector.safetensors",
+    description: str | None = None,
+) -> httpx.Response:
     raw = data.to_bytes() if isinstance(data, Artifact) else data
     form = {"name": name, **({"description": description} if description is not None else {})}
-    return client.post("/v1/vectors", data=form, headers=headers,
-                       files={"file": (filename, raw, "application/octet-stream")})
+    return client.post(
+        "/v1/vectors", data=form, headers=headers, files={"file": (filename, raw, "application/octet-stream")}
+    )
 
 
 def strong_add(model: Any, seed: int = 2) -> Artifact:
@@ -65,10 +79,16 @@ def strong_add(model: Any, seed: int = 2) -> Artifact:
     return add_artifact(model, seed=seed, norm=8.0)
 
 
-def generate(client: TestClient, prompt: str = "Hello there", max_new_tokens: int = 6,
-             headers: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
-    resp = client.post("/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens, **extra},
-                       headers=headers)
+def generate(
+    client: TestClient,
+    prompt: str = "Hello there",
+    max_new_tokens: int = 6,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    resp = client.post(
+        "/generate", json={"prompt": prompt, "max_new_tokens": max_new_tokens, **extra}, headers=headers
+    )
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -80,7 +100,7 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
         if not line:
             continue
         assert line.startswith("data: "), line
-        payload = line[len("data: "):]
+        payload = line[len("data: ") :]
         out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
 
@@ -126,10 +146,16 @@ def test_api_key_required_except_health_ready_metrics(make_server):
         assert client.get(path).status_code == 200, path
     body = {"prompt": "Hi", "max_new_tokens": 2}
     chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-    calls = [("POST", "/generate", body), ("POST", "/v1/chat/completions", chat),
-             ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2}), ("GET", "/v1/models", None),
-             ("GET", "/v1/vectors", None), ("GET", "/v1/vectors/x", None), ("GET", "/v1/profiles", None),
-             ("GET", "/v1/profiles/x", None)]
+    calls = [
+        ("POST", "/generate", body),
+        ("POST", "/v1/chat/completions", chat),
+        ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/vectors", None),
+        ("GET", "/v1/vectors/x", None),
+        ("GET", "/v1/profiles", None),
+        ("GET", "/v1/profiles/x", None),
+    ]
     for method, path, payload in calls:
         for headers in ({}, WRONG, {"Authorization": "Basic user-secret"}, {"Authorization": "user-secret"}):
             err = check_error(client.request(method, path, json=payload, headers=headers), 401)
@@ -181,9 +207,12 @@ def test_every_mutating_route_needs_the_admin_key(make_server):
 def test_mutating_routes_forbidden_without_admin_key_off_loopback(make_server, host):
     _, client = make_server(host=host)
     art = add_artifact(tiny_llama())
-    calls = [lambda: upload(client, "vec", art), lambda: client.delete("/v1/vectors/vec"),
-             lambda: client.put("/v1/profiles/p", json={"vectors": []}),
-             lambda: client.delete("/v1/profiles/p")]
+    calls = [
+        lambda: upload(client, "vec", art),
+        lambda: client.delete("/v1/vectors/vec"),
+        lambda: client.put("/v1/profiles/p", json={"vectors": []}),
+        lambda: client.delete("/v1/profiles/p"),
+    ]
     for call in calls:
         assert check_error(call(), 403)["type"] == "permission_error"
     assert client.get("/v1/vectors").json()["data"] == []
@@ -215,8 +244,11 @@ def test_invalid_input_is_400(make_server):
     msgs = [{"role": "user", "content": "Hi"}]
     bad("/generate", {"prompt": "Hi", "messages": msgs}, "exactly one")
     bad("/generate", {"max_new_tokens": 3}, "exactly one")
-    bad("/generate", {"prompt": "Hi", "steering": {"vectors": [{"name": "vec", "layers": [10**6]}]}},
-        "out of range")
+    bad(
+        "/generate",
+        {"prompt": "Hi", "steering": {"vectors": [{"name": "vec", "layers": [10**6]}]}},
+        "out of range",
+    )
     bad("/generate", {"prompt": "Hi", "steering": {"vectors": [{"name": "vec", "layers": [-1]}]}}, "layers")
     bad("/generate", {"prompt": "Hi", "steering": {"vectors": [{"name": "../etc/passwd"}]}}, "invalid name")
     bad("/generate", {"prompt": "Hi", "steering": {"vectors": [{"name": "vec@XYZ"}]}}, "pin")
@@ -229,9 +261,11 @@ def test_invalid_input_is_400(make_server):
     bad("/v1/chat/completions", {"messages": msgs, "n": 2}, "n=1")
     bad("/v1/completions", {"prompt": ["a", "b"]}, "single prompt")
     # bad uploads
-    for name, data, needle in (("bad name!", add_artifact(tiny_llama()).to_bytes(), "invalid name"),
-                               ("junk", b"\x00" * 64, "safetensors"),
-                               ("short", b"abc", "truncated")):
+    for name, data, needle in (
+        ("bad name!", add_artifact(tiny_llama()).to_bytes(), "invalid name"),
+        ("junk", b"\x00" * 64, "safetensors"),
+        ("short", b"abc", "truncated"),
+    ):
         err = check_error(upload(client, name, data), 400)
         assert needle in err["message"], err
     err = check_error(client.post("/v1/vectors", data={"name": "nofile"}), 400)
@@ -251,11 +285,14 @@ def test_unknown_vectors_profiles_and_models_are_404(server):
     other_pin = "0000" if not art.sha256.startswith("0000") else "ffff"
     cases = [
         client.post("/generate", json={"prompt": "Hi", "steering": {"vectors": [{"name": "nope"}]}}),
-        client.post("/generate", json={"prompt": "Hi",
-                                       "steering": {"vectors": [{"name": f"vec@{other_pin}"}]}}),
+        client.post(
+            "/generate", json={"prompt": "Hi", "steering": {"vectors": [{"name": f"vec@{other_pin}"}]}}
+        ),
         client.post("/generate", json={"prompt": "Hi", "steering": "no-such-profile"}),
-        client.post("/v1/chat/completions", json={"model": "no-such-profile",
-                                                  "messages": [{"role": "user", "content": "Hi"}]}),
+        client.post(
+            "/v1/chat/completions",
+            json={"model": "no-such-profile", "messages": [{"role": "user", "content": "Hi"}]},
+        ),
         client.post("/v1/completions", json={"model": "no-such-profile", "prompt": "Hi"}),
         client.get("/v1/vectors/nope"),
         client.delete("/v1/vectors/nope"),
@@ -273,8 +310,14 @@ def test_unknown_vectors_profiles_and_models_are_404(server):
 # ---- 409 -------------------------------------------------------------------------------------------------
 def test_incompatible_artifact_is_409(server):
     _, client = server
-    narrow = Artifact(kind="add", tensors={"layers.0.direction": torch.ones(32)}, hidden_size=32,
-                      num_layers=2, model_type="llama", method="mean-diff")
+    narrow = Artifact(
+        kind="add",
+        tensors={"layers.0.direction": torch.ones(32)},
+        hidden_size=32,
+        num_layers=2,
+        model_type="llama",
+        method="mean-diff",
+    )
     err = check_error(upload(client, "narrow", narrow), 409)
     assert err["type"] == "incompatible_artifact" and "hidden_size" in err["message"]
     deep = add_artifact(tiny_llama(layers=4))
@@ -293,22 +336,33 @@ def test_too_large_is_413_before_parsing(make_server):
     state, client = make_server(max_upload_bytes=4096, max_body_bytes=8192)
     # an upload body past the cap: garbage that would be a 400 if anything parsed it
     huge = b"x" * (4096 + 1024 * 1024 + 1)
-    resp = client.post("/v1/vectors", content=huge,
-                       headers={"Content-Type": "multipart/form-data; boundary=zzz"})
+    resp = client.post(
+        "/v1/vectors", content=huge, headers={"Content-Type": "multipart/form-data; boundary=zzz"}
+    )
     assert check_error(resp, 413)["type"] == "request_too_large"
     # the same without a Content-Length (chunked): counted while reading
-    resp = client.post("/v1/vectors", content=iter([b"x" * 65536] * 20),
-                       headers={"Content-Type": "multipart/form-data; boundary=zzz"})
+    resp = client.post(
+        "/v1/vectors",
+        content=iter([b"x" * 65536] * 20),
+        headers={"Content-Type": "multipart/form-data; boundary=zzz"},
+    )
     check_error(resp, 413)
     # a well-formed multipart whose file is over max_upload_bytes (never parsed as an artifact)
     check_error(upload(client, "big", b"\x80" + b"x" * 5000), 413)
     # a JSON body over max_body_bytes on the generation and profile routes
     check_error(client.post("/generate", json={"prompt": "a" * 9000, "max_new_tokens": 1}), 413)
-    check_error(client.post("/v1/chat/completions",
-                            json={"messages": [{"role": "user", "content": "a" * 9000}]}), 413)
+    check_error(
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a" * 9000}]}), 413
+    )
     check_error(client.put("/v1/profiles/p", json={"vectors": [], "description": "d" * 9000}), 413)
-    check_error(client.post("/generate", content=iter([b"{" + b" " * 9000 + b"}"]),
-                            headers={"Content-Type": "application/json"}), 413)
+    check_error(
+        client.post(
+            "/generate",
+            content=iter([b"{" + b" " * 9000 + b"}"]),
+            headers={"Content-Type": "application/json"},
+        ),
+        413,
+    )
     text = client.get("/metrics").text
     assert metric(text, "steer_vector_uploads_total", result="too_large") == 3
     assert metric(text, "steer_rejected_requests_total", reason="too_large") == 7
@@ -338,8 +392,9 @@ def test_schema_errors_are_422(server):
     for path, body in bodies:
         err = check_error(client.post(path, json=body), 422)
         assert err["type"] == "invalid_request_error", (path, body)
-    check_error(client.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"}),
-                422)
+    check_error(
+        client.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"}), 422
+    )
     check_error(client.put("/v1/profiles/p", json={"vectors": [{"name": "v", "positions": "middle"}]}), 422)
 
 
@@ -353,9 +408,11 @@ def test_overload_is_429_with_retry_after(make_server, tokenizer):
     wait_for(lambda: engine.running == 1 and engine.waiting == 0, what="the first request to run")
     queued = engine.submit(ids, long)  # fills the queue of one
     try:
-        for path, body in (("/generate", {"prompt": "Hi", "max_new_tokens": 2}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
-                           ("/v1/completions", {"prompt": "Hi"})):
+        for path, body in (
+            ("/generate", {"prompt": "Hi", "max_new_tokens": 2}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+            ("/v1/completions", {"prompt": "Hi"}),
+        ):
             resp = client.post(path, json=body)
             err = check_error(resp, 429)
             assert err["type"] == "overloaded"
@@ -382,8 +439,9 @@ def test_not_loaded_is_503(make_server):
     assert check_error(resp, 503)["type"] == "unavailable"
     assert "Retry-After" in resp.headers
     check_error(client.post("/generate", json={"prompt": "Hi"}), 503)
-    check_error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}),
-                503)
+    check_error(
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}), 503
+    )
     check_error(client.get("/v1/models"), 503)
     check_error(client.get("/v1/vectors"), 503)
     assert metric(client.get("/metrics").text, "steer_rejected_requests_total", reason="not_ready") == 4
@@ -402,16 +460,18 @@ def test_load_failure_keeps_ready_503(make_server, tmp_path):
 def test_draining_refuses_new_requests_and_finishes_old_ones(server, tokenizer):
     state, client = server
     assert client.get("/ready").status_code == 200
-    handle = state.engine.submit(tokenizer.encode("Hello", add_special_tokens=False),
-                                 SamplingParams(max_new_tokens=20))
+    handle = state.engine.submit(
+        tokenizer.encode("Hello", add_special_tokens=False), SamplingParams(max_new_tokens=20)
+    )
     state.begin_drain()
     resp = client.get("/ready")
     assert "draining" in check_error(resp, 503)["message"]
     resp = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2})
     check_error(resp, 503)
     assert "Retry-After" in resp.headers
-    check_error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}),
-                503)
+    check_error(
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}), 503
+    )
     assert client.get("/health").status_code == 200
     result = handle.wait(timeout=30)  # the request in flight runs to completion
     assert result.finish_reason == "length" and result.completion_tokens == 20
@@ -543,8 +603,9 @@ def test_steering_response_strength_zero_pins_and_profiles(server):
     assert via_model["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
     assert via_model["steering"] == inline["steering"]
     assert via_model["usage"]["total_tokens"] == via_model["usage"]["prompt_tokens"] + 6
-    completion = client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 6,
-                                                      "temperature": 0, "model": "calm"}).json()
+    completion = client.post(
+        "/v1/completions", json={"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "model": "calm"}
+    ).json()
     assert completion["object"] == "text_completion"
     assert completion["choices"][0]["text"] == steered["text"]
 
@@ -557,16 +618,20 @@ def test_steering_response_strength_zero_pins_and_profiles(server):
 def test_red_and_lora_vectors_steer_and_compose(server):
     _, client = server
     model = tiny_llama()
-    for name, art in (("red", red_artifact(model, spread=1.0)), ("lora", lora_artifact(model, alpha=64.0)),
-                      ("add", strong_add(model))):
+    for name, art in (
+        ("red", red_artifact(model, spread=1.0)),
+        ("lora", lora_artifact(model, alpha=64.0)),
+        ("add", strong_add(model)),
+    ):
         assert upload(client, name, art).status_code == 201
     plain = generate(client)["text"]
     for name in ("red", "lora"):
         out = generate(client, steering={"vectors": [{"name": name}]})
         assert out["text"] != plain, name
         assert generate(client, steering={"vectors": [{"name": name, "strength": 0}]})["text"] == plain
-    both = generate(client, steering={"vectors": [{"name": "red"},
-                                                  {"name": "add", "positions": "generated"}]})
+    both = generate(
+        client, steering={"vectors": [{"name": "red"}, {"name": "add", "positions": "generated"}]}
+    )
     assert [v["name"] for v in both["steering"]["vectors"]] == ["red", "add"]
 
 
@@ -584,8 +649,11 @@ def test_generate_streaming_matches_non_streaming(server):
         assert events[-1] == "[DONE]"
         last = events[-2]
         assert last["finish_reason"] == "length"
-        assert last["usage"] == full["usage"] == {"prompt_tokens": full["usage"]["prompt_tokens"],
-                                                  "completion_tokens": 8}
+        assert (
+            last["usage"]
+            == full["usage"]
+            == {"prompt_tokens": full["usage"]["prompt_tokens"], "completion_tokens": 8}
+        )
         assert last["steering"] == full["steering"]
         assert all(set(e) == {"text"} for e in events[:-2])
         assert "".join(e["text"] for e in events[:-1]) == full["text"]
@@ -593,13 +661,19 @@ def test_generate_streaming_matches_non_streaming(server):
 
 def test_openai_chat_and_completion_streaming_chunks(server):
     _, client = server
-    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
-            "max_tokens": 7, "temperature": 0}
+    chat = {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+        "max_tokens": 7,
+        "temperature": 0,
+    }
     full = client.post("/v1/chat/completions", json=chat).json()
     assert full["object"] == "chat.completion" and full["id"].startswith("chatcmpl-")
     assert full["choices"][0]["finish_reason"] == "length"
-    with client.stream("POST", "/v1/chat/completions",
-                       json={**chat, "stream": True, "stream_options": {"include_usage": True}}) as resp:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**chat, "stream": True, "stream_options": {"include_usage": True}},
+    ) as resp:
         assert resp.status_code == 200
         events = sse_events(resp.iter_lines())
     assert events[-1] == "[DONE]"
@@ -634,7 +708,7 @@ def test_stop_strings_and_length(server):
     assert generate(client, **sample) == full  # seeded sampling is reproducible
     text = full["text"]
     mid = len(text) // 2
-    stop = text[mid:mid + 3]
+    stop = text[mid : mid + 3]
     assert stop.strip(), text
     cut = text.find(stop)
     out = generate(client, **sample, stop=stop)
@@ -642,17 +716,19 @@ def test_stop_strings_and_length(server):
     assert out["text"] == text[:cut]
     assert out["usage"]["completion_tokens"] < 12
     # the earliest of several stop strings wins
-    early = text[cut:cut + 2] if cut > 0 else stop
+    early = text[cut : cut + 2] if cut > 0 else stop
     out2 = generate(client, **sample, stop=["\x00never\x00", stop, early])
-    assert out2["text"] == text[:min(text.find(early), cut)]
+    assert out2["text"] == text[: min(text.find(early), cut)]
     assert generate(client, **sample, stop="\x00never\x00") == full
     # streaming never leaks the stop string
     with client.stream("POST", "/generate", json={**sample, "stop": stop, "stream": True}) as resp:
         events = sse_events(resp.iter_lines())
     assert "".join(e["text"] for e in events[:-1]) == text[:cut]
     assert events[-2]["finish_reason"] == "stop"
-    comp = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 12, "temperature": 1.0,
-                                                "seed": 1, "stop": [stop]}).json()
+    comp = client.post(
+        "/v1/completions",
+        json={"prompt": "Hello", "max_tokens": 12, "temperature": 1.0, "seed": 1, "stop": [stop]},
+    ).json()
     assert comp["choices"][0]["finish_reason"] == "stop" and comp["choices"][0]["text"] == text[:cut]
     short = generate(client, max_new_tokens=3)
     assert short["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 3
@@ -680,8 +756,10 @@ def test_metrics_after_requests(server):
     assert metric(text, "steer_steered_requests_total", vector="vec") == 2
     assert metric(text, "steer_vectors_loaded") == 1
     assert metric(text, "steer_vector_uploads_total", result="created") == 1
-    assert metric(text, "steer_model_info", model=MODEL_ID, quantization="none", device="cpu",
-                  dtype="float32") == 1
+    assert (
+        metric(text, "steer_model_info", model=MODEL_ID, quantization="none", device="cpu", dtype="float32")
+        == 1
+    )
     assert metric(text, "steer_running_requests") == 0 and metric(text, "steer_waiting_requests") == 0
     assert metric(text, "steer_request_duration_seconds_count") >= 6
     assert metric(text, "steer_time_to_first_token_seconds_count") == 4
@@ -722,9 +800,13 @@ def running_gauge(http: httpx.Client) -> float | None:
 def test_disconnect_mid_stream_frees_the_row(live_server):
     state, url = live_server
     with httpx.Client(base_url=url, timeout=30) as http:
-        for path, body in (("/generate", {"prompt": "Hello", "max_new_tokens": 400, "stream": True}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
-                                                     "max_tokens": 400, "stream": True})):
+        for path, body in (
+            ("/generate", {"prompt": "Hello", "max_new_tokens": 400, "stream": True}),
+            (
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 400, "stream": True},
+            ),
+        ):
             with http.stream("POST", path, json=body) as resp:
                 assert resp.status_code == 200
                 lines = resp.iter_lines()  # keep the iterator: dropping it would close the connection

@@ -141,10 +141,7 @@ def test_queries_use_only_spec_metrics(source):
     exprs = EXPR_SOURCES[source]()
     assert exprs, f"no queries found in the {source}"
     unknown = {
-        f"{where}: {name}"
-        for where, expr in exprs
-        for name in metrics_in(expr)
-        if name not in SPEC_METRICS
+        f"{where}: {name}" for where, expr in exprs for name in metrics_in(expr) if name not in SPEC_METRICS
     }
     assert not unknown, f"metrics not in SPEC §8 used by the {source}: {sorted(unknown)}"
 
@@ -160,8 +157,11 @@ def test_label_matchers_use_spec_labels(source):
             allowed = SPEC_METRICS[name][1] | TARGET_LABELS
             if raw_name.endswith("_bucket") and name in HISTOGRAMS:
                 allowed = allowed | {"le"}
-            bad += [f"{where}: {raw_name} has no label {label!r}"
-                    for label in MATCHER_LABEL_RE.findall(matchers) if label not in allowed]
+            bad += [
+                f"{where}: {raw_name} has no label {label!r}"
+                for label in MATCHER_LABEL_RE.findall(matchers)
+                if label not in allowed
+            ]
     assert not bad, bad
 
 
@@ -337,11 +337,17 @@ def test_dashboard_structure():
 
 def test_latency_panels_show_p50_p95_p99():
     exprs = [expr for _, expr in dashboard_exprs()]
-    for histogram in ("steer_time_to_first_token_seconds", "steer_inter_token_latency_seconds",
-                      "steer_request_duration_seconds", "steer_queue_wait_seconds"):
+    for histogram in (
+        "steer_time_to_first_token_seconds",
+        "steer_inter_token_latency_seconds",
+        "steer_request_duration_seconds",
+        "steer_queue_wait_seconds",
+    ):
         for q in ("0.5", "0.95", "0.99"):
             assert any(f"histogram_quantile({q}," in e and f"{histogram}_bucket" in e for e in exprs), (
-                histogram, q)
+                histogram,
+                q,
+            )
 
 
 def test_grafana_provisioning_matches_compose():
@@ -393,8 +399,12 @@ def test_compose_file_layout():
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "devices" not in cpu.get("deploy", {}).get("resources", {}).get("reservations", {})
-    assert set(compose["volumes"]) == {"steerserve-vectors", "steerserve-cache", "prometheus-data",
-                                       "grafana-data"}
+    assert set(compose["volumes"]) == {
+        "steerserve-vectors",
+        "steerserve-cache",
+        "prometheus-data",
+        "grafana-data",
+    }
     # Every bind mount points at a file or folder that exists.
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -462,8 +472,11 @@ def test_docker_compose_config_is_valid(compose_cmd):
 @pytest.mark.parametrize(("profile", "service"), [(None, "steerserve"), ("gpu", "steerserve-gpu")])
 def test_docker_compose_profiles(compose_cmd, profile, service):
     profile_args = ["--profile", profile] if profile else []
-    result = _run([*compose_cmd, "-f", str(COMPOSE), *profile_args, "config", "--format", "json"],
-                  cwd=ROOT, env=_compose_env())
+    result = _run(
+        [*compose_cmd, "-f", str(COMPOSE), *profile_args, "config", "--format", "json"],
+        cwd=ROOT,
+        env=_compose_env(),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     services = json.loads(result.stdout)["services"]
     assert set(services) == {service, "prometheus", "grafana"}
@@ -529,8 +542,9 @@ def test_dockerfile_contract():
 
 def test_dockerfile_copies_only_allowed_existing_paths():
     """Each COPY source exists and is re-included by the allow-list in Dockerfile.dockerignore."""
-    allowed = {line[1:].strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
-               if line.startswith("!")}
+    allowed = {
+        line[1:].strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines() if line.startswith("!")
+    }
     for kw, args in _dockerfile_instructions():
         if kw != "COPY" or "--from" in args:
             continue
@@ -559,10 +573,16 @@ def _fake_steerserve(tmp_path: Path, prepare_rc: int = 0) -> tuple[dict[str, str
     ("args", "extra_env", "calls"),
     [
         ([], {}, ["model prepare", "serve --host 0.0.0.0 --port 8000"]),
-        (["steerserve", "serve", "--host", "0.0.0.0", "--port", "8000"], {},
-         ["model prepare", "serve --host 0.0.0.0 --port 8000"]),
-        (["--max-batch-size", "8"], {},
-         ["model prepare", "serve --host 0.0.0.0 --port 8000 --max-batch-size 8"]),
+        (
+            ["steerserve", "serve", "--host", "0.0.0.0", "--port", "8000"],
+            {},
+            ["model prepare", "serve --host 0.0.0.0 --port 8000"],
+        ),
+        (
+            ["--max-batch-size", "8"],
+            {},
+            ["model prepare", "serve --host 0.0.0.0 --port 8000 --max-batch-size 8"],
+        ),
         (["steerserve", "serve", "--model", "/models/m"], {}, ["serve --model /models/m"]),
         (["steerserve", "serve"], {"STEERSERVE_MODEL": "/models/m"}, ["serve"]),
         (["steerserve", "serve"], {"STEERSERVE_PREPARE_ON_START": "0"}, ["serve"]),

@@ -149,7 +149,7 @@ def _stream(url: str, body: dict, started: threading.Event, out: dict) -> None:
                     if not line.startswith("data: "):
                         continue
                     started.set()
-                    data = line[len("data: "):]
+                    data = line[len("data: ") :]
                     if data == "[DONE]":
                         done = True
                         continue
@@ -166,8 +166,14 @@ def _stream(url: str, body: dict, started: threading.Event, out: dict) -> None:
 
 def test_sigterm_drains_in_flight_requests_then_exits(tmp_path: Path):
     drain = 8.0
-    srv = TinyServer(tmp_path / "vectors", tmp_path / "server.log", drain_timeout=drain, step_delay=0.02,
-                     context=4096, max_new_tokens=4000).start()
+    srv = TinyServer(
+        tmp_path / "vectors",
+        tmp_path / "server.log",
+        drain_timeout=drain,
+        step_delay=0.02,
+        context=4096,
+        max_new_tokens=4000,
+    ).start()
     try:
         short = {"max_new_tokens": 60}
         longer = {"max_new_tokens": 3000}  # cannot finish within the drain timeout
@@ -175,8 +181,10 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path: Path):
         started = [threading.Event() for _ in range(4)]
         bodies = [{"prompt": f"Story number {i}:", **short} for i in range(3)]
         bodies.append({"prompt": "A very long story:", **longer})
-        threads = [threading.Thread(target=_stream, args=(srv.url, b, s, o))
-                   for b, s, o in zip(bodies, started, results, strict=True)]
+        threads = [
+            threading.Thread(target=_stream, args=(srv.url, b, s, o))
+            for b, s, o in zip(bodies, started, results, strict=True)
+        ]
         plain: dict = {}
 
         def non_streaming() -> None:
@@ -301,8 +309,14 @@ class _Canary:
 
 
 def _st(tensors: dict[str, torch.Tensor], **meta: str) -> bytes:
-    base = {"format": "steerserve.v1", "kind": "add", "model_type": "llama", "hidden_size": "64",
-            "num_layers": "2", "method": "mean-diff"}
+    base = {
+        "format": "steerserve.v1",
+        "kind": "add",
+        "model_type": "llama",
+        "hidden_size": "64",
+        "num_layers": "2",
+        "method": "mean-diff",
+    }
     return st_save(tensors, metadata={**base, **meta})
 
 
@@ -374,18 +388,52 @@ def _malformed(case: str, model, canary: Path) -> tuple[bytes, list[int], str]:
 
 
 MALFORMED = [
-    "pickle-canary", "pickle-protocol-0", "torch-save-canary", "header-claims-1TiB", "header-claims-past-end",
-    "truncated-data", "truncated-to-5-bytes", "empty-file", "header-not-json", "nan", "inf", "wrong-dims",
-    "wrong-rank", "hidden-size-mismatch", "10000-layers", "layer-beyond-model", "absurd-num-layers",
-    "int-dtype", "unknown-kind", "lora-rank-mismatch", "lora-not-a-linear", "gguf-garbage",
-    "over-upload-cap", "far-over-upload-cap",
+    "pickle-canary",
+    "pickle-protocol-0",
+    "torch-save-canary",
+    "header-claims-1TiB",
+    "header-claims-past-end",
+    "truncated-data",
+    "truncated-to-5-bytes",
+    "empty-file",
+    "header-not-json",
+    "nan",
+    "inf",
+    "wrong-dims",
+    "wrong-rank",
+    "hidden-size-mismatch",
+    "10000-layers",
+    "layer-beyond-model",
+    "absurd-num-layers",
+    "int-dtype",
+    "unknown-kind",
+    "lora-rank-mismatch",
+    "lora-not-a-linear",
+    "gguf-garbage",
+    "over-upload-cap",
+    "far-over-upload-cap",
 ]
 
 BAD_NAMES = {
-    "nul": "calm\x00evil", "newline": "calm\nevil", "trailing-newline": "calm\n", "escape": "\x1b[31mred",
-    "cr": "calm\r", "tab": "calm\tx", "dotdot-slash": "../x", "dotdot": "..", "dot": ".", "slash": "a/b",
-    "backslash": "..\\x", "absolute": "/etc/passwd", "percent-encoded": "%2e%2e", "percent-slash": "a%2fb",
-    "hidden": ".hidden", "empty": "", "too-long": "a" * 65, "unicode": "cälm", "space": "calm evil",
+    "nul": "calm\x00evil",
+    "newline": "calm\nevil",
+    "trailing-newline": "calm\n",
+    "escape": "\x1b[31mred",
+    "cr": "calm\r",
+    "tab": "calm\tx",
+    "dotdot-slash": "../x",
+    "dotdot": "..",
+    "dot": ".",
+    "slash": "a/b",
+    "backslash": "..\\x",
+    "absolute": "/etc/passwd",
+    "percent-encoded": "%2e%2e",
+    "percent-slash": "a%2fb",
+    "hidden": ".hidden",
+    "empty": "",
+    "too-long": "a" * 65,
+    "unicode": "cälm",
+    "space": "calm evil",
 }
 
 
@@ -433,8 +481,11 @@ def test_upload_filename_is_never_used_as_a_path(tiny, model, tmp_path: Path, ex
     from steering_vectors import export_gguf
 
     marker = f"escape-{uuid.uuid4().hex[:12]}"
-    filename = {"relative": f"../../../{marker}{ext}", "absolute": f"{tmp_path}/{marker}{ext}",
-                "dotdot-only": ".."}[style]
+    filename = {
+        "relative": f"../../../{marker}{ext}",
+        "absolute": f"{tmp_path}/{marker}{ext}",
+        "dotdot-only": "..",
+    }[style]
     art = add_artifact(model, layers=[1])
     if ext == ".gguf":
         path = tmp_path / "cv.gguf"

@@ -35,8 +35,8 @@ except ImportError:  # pragma: no cover - the dev extra installs it
         raise
     pytest.skip("schemathesis is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
+from basemodel import LoadedModel
 from server.app import ServerConfig, ServerState, create_app
-from server.model import LoadedModel
 from steering_vectors import Profile
 
 STATUSES: dict[str, Counter] = {}
@@ -58,8 +58,15 @@ def fuzz_schema(tokenizer, tmp_path):
     """A fresh tiny-model server per operation: schemathesis ends the app's lifespan (which stops the
     engine) when each test finishes, and a fresh store keeps every operation's run independent."""
     model = tiny_llama()
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-llama", path=Path("."),
-                         quantization="none", dtype=torch.float32, device=torch.device("cpu"))
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id="tiny-llama",
+        path=Path("."),
+        quantization="none",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
     state = ServerState(ServerConfig(vector_dir=tmp_path / "vectors", max_queue=64))
     state.load(loaded)
     store = state.store

@@ -27,8 +27,15 @@ def add_art(layers: list[int], num_layers: int = 6, d: int = D, seed: int = 0) -
     )
 
 
-def write_cvec(path, directions: dict[str, np.ndarray], *, arch: str = "controlvector",
-               model_hint: str | None = "llama", layer_count: int | None = None, int32_count: bool = False):
+def write_cvec(
+    path,
+    directions: dict[str, np.ndarray],
+    *,
+    arch: str = "controlvector",
+    model_hint: str | None = "llama",
+    layer_count: int | None = None,
+    int32_count: bool = False,
+):
     """A control vector written straight with the gguf library, the way repeng's ControlVector.export_gguf
     (and llama.cpp's cvector-generator) lay it out: controlvector.* keys and direction.N tensors."""
     w = gguf.GGUFWriter(str(path), arch)
@@ -113,8 +120,14 @@ def test_export_is_atomic_and_overwrites(tmp_path):
 
 def test_export_converts_half_precision(tmp_path):
     art = add_art([1, 2])
-    half = Artifact(kind="add", tensors={k: v.to(torch.bfloat16) for k, v in art.tensors.items()},
-                    hidden_size=D, num_layers=6, model_type="llama", method="x")
+    half = Artifact(
+        kind="add",
+        tensors={k: v.to(torch.bfloat16) for k, v in art.tensors.items()},
+        hidden_size=D,
+        num_layers=6,
+        model_type="llama",
+        method="x",
+    )
     export_gguf(half, tmp_path / "v.gguf")
     back = import_gguf(tmp_path / "v.gguf")
     for k, v in half.tensors.items():
@@ -157,8 +170,9 @@ def test_repeng_default_layers(tmp_path):
 
 
 def test_cvector_generator_int32_layer_count(tmp_path):
-    path = write_cvec(tmp_path / "g.gguf", {f"direction.{n}": rand(seed=n) for n in (1, 2, 3)},
-                      int32_count=True)
+    path = write_cvec(
+        tmp_path / "g.gguf", {f"direction.{n}": rand(seed=n) for n in (1, 2, 3)}, int32_count=True
+    )
     art = import_gguf(path)
     assert art.layers == [1, 2, 3] and art.extra["gguf_layer_count"] == "3"
 
@@ -193,16 +207,27 @@ def test_export_refuses_nonzero_layer0(tmp_path):
 
 
 def test_export_omits_zero_layer0_and_reports_it(tmp_path):
-    art = Artifact(kind="add", tensors={"layers.0.direction": torch.zeros(D),
-                                        "layers.1.direction": torch.ones(D)},
-                   hidden_size=D, num_layers=3, model_type="llama", method="x")
+    art = Artifact(
+        kind="add",
+        tensors={"layers.0.direction": torch.zeros(D), "layers.1.direction": torch.ones(D)},
+        hidden_size=D,
+        num_layers=3,
+        model_type="llama",
+        method="x",
+    )
     res = export_gguf(art, tmp_path / "v.gguf")
     assert res.layers == (1,) and res.dropped == (0,)
 
 
 def test_zero_directions_are_dropped(tmp_path):
-    path = write_cvec(tmp_path / "cv.gguf", {"direction.1": np.zeros(D, np.float32), "direction.2": rand(),
-                                             "direction.3": np.zeros(D, np.float32)})
+    path = write_cvec(
+        tmp_path / "cv.gguf",
+        {
+            "direction.1": np.zeros(D, np.float32),
+            "direction.2": rand(),
+            "direction.3": np.zeros(D, np.float32),
+        },
+    )
     art = import_gguf(path)
     assert art.layers == [2] and art.num_layers == 4  # zeros still count towards the inferred depth
     assert art.extra["gguf_zero_layers_dropped"] == "1,3"
@@ -265,8 +290,19 @@ def test_rejects_mismatched_lengths(tmp_path):
         import_gguf(path)
 
 
-@pytest.mark.parametrize("name", ["direction.x", "direction.", "foo.1", "direction.1.2", "direction.01",
-                                  "direction.-1", "blk.0.direction", "direction_1"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "direction.x",
+        "direction.",
+        "foo.1",
+        "direction.1.2",
+        "direction.01",
+        "direction.-1",
+        "blk.0.direction",
+        "direction_1",
+    ],
+)
 def test_rejects_bad_tensor_names(tmp_path, name):
     path = write_cvec(tmp_path / "bad.gguf", {"direction.1": rand(), name: rand(seed=1)})
     with pytest.raises(ArtifactError, match="not named direction.N"):
@@ -296,8 +332,14 @@ def test_size_is_checked_first(tmp_path):
 
 
 def test_export_refuses_red(tmp_path):
-    red = Artifact(kind="red", tensors={"layers.1.scale": torch.ones(D), "layers.1.bias": torch.zeros(D)},
-                   hidden_size=D, num_layers=3, model_type="llama", method="red")
+    red = Artifact(
+        kind="red",
+        tensors={"layers.1.scale": torch.ones(D), "layers.1.bias": torch.zeros(D)},
+        hidden_size=D,
+        num_layers=3,
+        model_type="llama",
+        method="red",
+    )
     with pytest.raises(ArtifactError, match="only 'add'"):
         export_gguf(red, tmp_path / "r.gguf")
     assert list(tmp_path.iterdir()) == []

@@ -23,8 +23,8 @@ import uvicorn
 from helpers import add_artifact, tiny_llama
 from tiny_server import free_port
 
+from basemodel import LoadedModel
 from server.app import ServerConfig, ServerState, create_app
-from server.model import LoadedModel
 
 CONTEXT = 128
 CAP = 32
@@ -38,17 +38,29 @@ TIMINGS: dict[str, float] = {}
 def live(tokenizer, tmp_path_factory):
     model = tiny_llama()
     model.config.max_position_embeddings = CONTEXT
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny-llama", path=Path("."),
-                         quantization="none", dtype=torch.float32, device=torch.device("cpu"))
-    cfg = ServerConfig(vector_dir=tmp_path_factory.mktemp("limits") / "vectors", max_new_tokens=CAP,
-                       max_body_bytes=BODY_LIMIT, body_timeout=BODY_TIMEOUT)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id="tiny-llama",
+        path=Path("."),
+        quantization="none",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    cfg = ServerConfig(
+        vector_dir=tmp_path_factory.mktemp("limits") / "vectors",
+        max_new_tokens=CAP,
+        max_body_bytes=BODY_LIMIT,
+        body_timeout=BODY_TIMEOUT,
+    )
     state = ServerState(cfg)
     state.load(loaded)
     assert state.store is not None
     state.store.add("calm", add_artifact(model).to_bytes())
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -87,13 +99,26 @@ def _words(n: int) -> str:
 # ---- context -----------------------------------------------------------------------------------------------
 def test_prompt_beyond_the_context(live):
     prompt = _words(300)  # several hundred tokens against a 128-token context
-    _fast_4xx("generate: prompt > context", lambda: live.post(
-        "/generate", json={"prompt": prompt, "max_new_tokens": 4}), 400, "context length")
-    _fast_4xx("chat: prompt > context", lambda: live.post(
-        "/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 4}),
-        400, "context length")
-    _fast_4xx("completions: prompt > context", lambda: live.post(
-        "/v1/completions", json={"prompt": prompt, "max_tokens": 4}), 400, "context length")
+    _fast_4xx(
+        "generate: prompt > context",
+        lambda: live.post("/generate", json={"prompt": prompt, "max_new_tokens": 4}),
+        400,
+        "context length",
+    )
+    _fast_4xx(
+        "chat: prompt > context",
+        lambda: live.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+        ),
+        400,
+        "context length",
+    )
+    _fast_4xx(
+        "completions: prompt > context",
+        lambda: live.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4}),
+        400,
+        "context length",
+    )
 
 
 def test_prompt_plus_max_new_tokens_beyond_the_context(live, tokenizer):
@@ -102,8 +127,12 @@ def test_prompt_plus_max_new_tokens_beyond_the_context(live, tokenizer):
         n += 1
     prompt = _words(n)  # fits the context alone, not with CAP new tokens
     assert len(tokenizer.encode(prompt, add_special_tokens=False)) < CONTEXT
-    _fast_4xx("generate: prompt + max_new_tokens > context", lambda: live.post(
-        "/generate", json={"prompt": prompt, "max_new_tokens": CAP}), 400, "context length")
+    _fast_4xx(
+        "generate: prompt + max_new_tokens > context",
+        lambda: live.post("/generate", json={"prompt": prompt, "max_new_tokens": CAP}),
+        400,
+        "context length",
+    )
     assert live.post("/generate", json={"prompt": prompt, "max_new_tokens": 1}).status_code == 200
 
 
@@ -140,15 +169,33 @@ def test_huge_prompt_is_refused_without_stalling_the_server(live):
 
 # ---- max_new_tokens cap ------------------------------------------------------------------------------------
 def test_max_new_tokens_beyond_the_cap(live):
-    _fast_4xx("generate: max_new_tokens > cap", lambda: live.post(
-        "/generate", json={"prompt": "Hi", "max_new_tokens": CAP + 1}), 400, f"cap of {CAP}")
-    _fast_4xx("chat: max_tokens > cap", lambda: live.post(
-        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**6}),
-        400, f"cap of {CAP}")
-    _fast_4xx("completions: max_tokens > cap", lambda: live.post(
-        "/v1/completions", json={"prompt": "Hi", "max_tokens": 10**9}), 400, f"cap of {CAP}")
-    _fast_4xx("generate: max_new_tokens absurd", lambda: live.post(
-        "/generate", json={"prompt": "Hi", "max_new_tokens": 10**30}), 400, f"cap of {CAP}")
+    _fast_4xx(
+        "generate: max_new_tokens > cap",
+        lambda: live.post("/generate", json={"prompt": "Hi", "max_new_tokens": CAP + 1}),
+        400,
+        f"cap of {CAP}",
+    )
+    _fast_4xx(
+        "chat: max_tokens > cap",
+        lambda: live.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 10**6},
+        ),
+        400,
+        f"cap of {CAP}",
+    )
+    _fast_4xx(
+        "completions: max_tokens > cap",
+        lambda: live.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 10**9}),
+        400,
+        f"cap of {CAP}",
+    )
+    _fast_4xx(
+        "generate: max_new_tokens absurd",
+        lambda: live.post("/generate", json={"prompt": "Hi", "max_new_tokens": 10**30}),
+        400,
+        f"cap of {CAP}",
+    )
 
 
 def test_route_defaults_respect_a_small_cap(live):
@@ -164,14 +211,25 @@ def test_route_defaults_respect_a_small_cap(live):
 # ---- steering ---------------------------------------------------------------------------------------------
 def test_too_many_vectors(live):
     entries = [{"name": "calm", "strength": 0.1}] * 17
-    _fast_4xx("17 vectors", lambda: live.post(
-        "/generate", json={"prompt": "Hi", "max_new_tokens": 2, "steering": {"vectors": entries}}),
-        400, "at most 16")
-    _fast_4xx("65 vectors (schema)", lambda: live.post(
-        "/generate", json={"prompt": "Hi", "max_new_tokens": 2, "steering": {"vectors": entries * 4}}),
-        422, "at most 64")
-    ok = live.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2,
-                                      "steering": {"vectors": entries[:16]}})
+    _fast_4xx(
+        "17 vectors",
+        lambda: live.post(
+            "/generate", json={"prompt": "Hi", "max_new_tokens": 2, "steering": {"vectors": entries}}
+        ),
+        400,
+        "at most 16",
+    )
+    _fast_4xx(
+        "65 vectors (schema)",
+        lambda: live.post(
+            "/generate", json={"prompt": "Hi", "max_new_tokens": 2, "steering": {"vectors": entries * 4}}
+        ),
+        422,
+        "at most 64",
+    )
+    ok = live.post(
+        "/generate", json={"prompt": "Hi", "max_new_tokens": 2, "steering": {"vectors": entries[:16]}}
+    )
     assert ok.status_code == 200, ok.text
 
 
@@ -179,13 +237,18 @@ def test_too_many_vectors(live):
 def test_huge_json_body(live):
     body = json.dumps({"prompt": "x" * (2 * BODY_LIMIT), "max_new_tokens": 1}).encode()
     headers = {"content-type": "application/json"}
-    _fast_4xx("huge JSON (Content-Length)", lambda: live.post("/generate", content=body, headers=headers),
-              413, "exceeds")
+    _fast_4xx(
+        "huge JSON (Content-Length)",
+        lambda: live.post("/generate", content=body, headers=headers),
+        413,
+        "exceeds",
+    )
 
     def chunked() -> httpx.Response:
         def gen():
             for i in range(0, len(body), 64 * 1024):
-                yield body[i:i + 64 * 1024]
+                yield body[i : i + 64 * 1024]
+
         return live.post("/generate", content=gen(), headers=headers)  # no Content-Length: chunked
 
     _fast_4xx("huge JSON (chunked)", chunked, 413, "exceeds")
@@ -216,8 +279,10 @@ def _read_response(s: socket.socket, timeout: float) -> bytes:
 
 def test_slow_client_does_not_block_others_and_gets_408(live):
     port = live.base_url.port
-    head = (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n")
+    head = (
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
     stalled = [_raw(port, head + b'{"prompt": "') for _ in range(5)]  # a few body bytes, then nothing
     headers_only = _raw(port, b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # stalls inside the headers
     t0 = time.monotonic()

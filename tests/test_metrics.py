@@ -79,7 +79,10 @@ def test_label_values_and_counts():
     assert s[("steer_vector_uploads_total", (("result", "created"),))] == 1
     assert s[("steer_rejected_requests_total", (("reason", "queue_full"),))] == 1
     info = (
-        ("device", "cpu"), ("dtype", "bfloat16"), ("model", "SmolLM2-135M-Instruct"), ("quantization", "nf4")
+        ("device", "cpu"),
+        ("dtype", "bfloat16"),
+        ("model", "SmolLM2-135M-Instruct"),
+        ("quantization", "nf4"),
     )
     assert s[("steer_model_info", info)] == 1
     assert s[("steer_batch_size_bucket", (("le", "4.0"),))] == 1
@@ -120,8 +123,12 @@ def test_model_info_replaced_and_vector_forgotten():
     m.forget_vector("never-there")
     s = _samples(m.exposition()[0].decode())
     infos = [k for k in s if k[0] == "steer_model_info"]
-    assert infos == [("steer_model_info", (("device", "cuda"), ("dtype", "float16"), ("model", "b"),
-                                           ("quantization", "int8")))]
+    assert infos == [
+        (
+            "steer_model_info",
+            (("device", "cuda"), ("dtype", "float16"), ("model", "b"), ("quantization", "int8")),
+        )
+    ]
     assert not [k for k in s if k[0] == "steer_steered_requests_total"]
 
 

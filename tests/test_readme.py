@@ -39,8 +39,13 @@ def test_curl_examples_work_verbatim(tmp_path):
         pytest.skip("port 8000 is in use; the README's examples address localhost:8000")
     env = {**os.environ, "STEERSERVE_VECTOR_DIR": str(tmp_path / "vectors")}
     env.pop("STEERSERVE_API_KEY", None)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "steerserve"), "serve", "--port", "8000"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "steerserve"), "serve", "--port", "8000"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -54,8 +59,10 @@ def test_curl_examples_work_verbatim(tmp_path):
         else:
             pytest.fail("server did not become ready")
         block = next(b for b in _blocks("bash") if "curl" in b)
-        commands = re.split(r"\n(?=curl )", "\n".join(
-            line for line in block.splitlines() if line.strip() and not line.startswith("#")))
+        commands = re.split(
+            r"\n(?=curl )",
+            "\n".join(line for line in block.splitlines() if line.strip() and not line.startswith("#")),
+        )
         outputs = []
         for cmd in commands:
             out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -19,15 +19,18 @@ PROMPTS = ["The capital of France is", "Write a haiku about autumn leaves fallin
 
 @pytest.fixture(scope="module")
 def real():
-    from server.model import load_model
+    from basemodel import load_model
 
     return load_model(quantization="none", dtype="float32")
 
 
 def _profile(model, *pairs):
     cfg = model.config
-    return compile_profile([(VectorRef(name=f"v{i}", **kw), a) for i, (a, kw) in enumerate(pairs)],
-                           num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size)
+    return compile_profile(
+        [(VectorRef(name=f"v{i}", **kw), a) for i, (a, kw) in enumerate(pairs)],
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+    )
 
 
 def test_red_hooks_equal_reference_on_the_default_model(real):
@@ -72,8 +75,11 @@ def test_engine_batched_equals_solo_on_the_default_model(real):
     hooks = install_steering(model)
     try:
         engine = Engine(model, tok, hooks, max_batch_size=4).start()
-        profiles = [None, _profile(model, (add_artifact(model, norm=4.0), {})),
-                    _profile(model, (red_artifact(model, spread=0.05), {"positions": "generated"}))]
+        profiles = [
+            None,
+            _profile(model, (add_artifact(model, norm=4.0), {})),
+            _profile(model, (red_artifact(model, spread=0.05), {"positions": "generated"})),
+        ]
         params = SamplingParams(max_new_tokens=16)
         prompts = [tok.encode(p) for p in PROMPTS]
         solo = [engine.generate(p, params, prof).text for p, prof in zip(prompts, profiles, strict=True)]

@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow
 
 HIDDEN, LAYERS = 576, 30  # SmolLM2-135M
 SEA = [{"role": "user", "content": "Write one sentence about the sea."}]
-CITY = [{"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Name a famous city in Italy and say why it is famous."}]
+CITY = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Name a famous city in Italy and say why it is famous."},
+]
 
 
 def direction(seed: int, norm: float = 4.0, layers: range | list[int] = range(LAYERS)) -> Artifact:
@@ -39,8 +41,14 @@ def direction(seed: int, norm: float = 4.0, layers: range | list[int] = range(LA
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(HIDDEN, generator=g)
     v = norm * v / v.norm()
-    return Artifact(kind="add", tensors={f"layers.{layer}.direction": v.clone() for layer in layers},
-                    hidden_size=HIDDEN, num_layers=LAYERS, model_type="llama", method="mean-diff")
+    return Artifact(
+        kind="add",
+        tensors={f"layers.{layer}.direction": v.clone() for layer in layers},
+        hidden_size=HIDDEN,
+        num_layers=LAYERS,
+        model_type="llama",
+        method="mean-diff",
+    )
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -98,8 +106,22 @@ def live(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> I
     # than one thread (measured here with other jobs running); an explicit setting is honoured.
     env.setdefault("OMP_NUM_THREADS", "1")
     log = tmp / "server.log"
-    cmd = [_steerserve(), "serve", "--port", str(port), "--vector-dir", str(tmp / "vectors"),
-           "--quantization", "none", "--dtype", "float32", "--max-batch-size", "8", "--log-level", "warning"]
+    cmd = [
+        _steerserve(),
+        "serve",
+        "--port",
+        str(port),
+        "--vector-dir",
+        str(tmp / "vectors"),
+        "--quantization",
+        "none",
+        "--dtype",
+        "float32",
+        "--max-batch-size",
+        "8",
+        "--log-level",
+        "warning",
+    ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Live(f"http://127.0.0.1:{port}", proc, log)
@@ -144,8 +166,14 @@ def test_openai_client_chat_streaming_and_extra_body_steering(live):
     assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
     assert plain.model_extra["steering"]["vectors"] == []
 
-    stream = client.chat.completions.create(model=base, messages=SEA, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=base,
+        messages=SEA,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -155,8 +183,9 @@ def test_openai_client_chat_streaming_and_extra_body_steering(live):
 
     info = live.upload("sea-strong", direction(seed=0))
     steering = {"vectors": [{"name": "sea-strong", "strength": 1.0}]}
-    steered = client.chat.completions.create(model=base, messages=SEA, max_tokens=12, temperature=0,
-                                             extra_body={"steering": steering})
+    steered = client.chat.completions.create(
+        model=base, messages=SEA, max_tokens=12, temperature=0, extra_body={"steering": steering}
+    )
     steered_text = steered.choices[0].message.content
     assert steered_text != text
     block = steered.model_extra["steering"]
@@ -164,13 +193,18 @@ def test_openai_client_chat_streaming_and_extra_body_steering(live):
     assert block["vectors"] == [{"name": "sea-strong", "sha256": info["sha256"], "strength": 1.0}]
     assert block["fingerprint"] and block["fingerprint"] != plain.model_extra["steering"]["fingerprint"]
 
-    zero = client.chat.completions.create(model=base, messages=SEA, max_tokens=12, temperature=0,
-                                          extra_body={"steering": {"vectors": [{"name": "sea-strong",
-                                                                                "strength": 0.0}]}})
+    zero = client.chat.completions.create(
+        model=base,
+        messages=SEA,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"steering": {"vectors": [{"name": "sea-strong", "strength": 0.0}]}},
+    )
     assert zero.choices[0].message.content == text
 
-    completion = client.completions.create(model=base, prompt="The sea is", max_tokens=6, temperature=0,
-                                           extra_body={"steering": steering})
+    completion = client.completions.create(
+        model=base, prompt="The sea is", max_tokens=6, temperature=0, extra_body={"steering": steering}
+    )
     assert completion.object == "text_completion"
     assert completion.choices[0].text
     assert completion.model_extra["steering"]["vectors"][0]["name"] == "sea-strong"
@@ -180,18 +214,21 @@ def test_openai_client_chat_streaming_and_extra_body_steering(live):
 def test_concurrent_requests_with_different_profiles_match_solo(live):
     live.upload("alpha", direction(seed=11))
     live.upload("beta", direction(seed=12, norm=3.0, layers=range(8, 20)))
-    saved = live.http.put("/v1/profiles/alpha-half",
-                          json={"vectors": [{"name": "alpha", "strength": 0.5}]})
+    saved = live.http.put("/v1/profiles/alpha-half", json={"vectors": [{"name": "alpha", "strength": 0.5}]})
     assert saved.status_code == 200, saved.text
     cases: dict[str, dict[str, Any]] = {
         "unsteered": {"messages": SEA},
         "strength0": {"messages": SEA, "steering": {"vectors": [{"name": "alpha", "strength": 0.0}]}},
         "alpha": {"messages": SEA, "steering": {"vectors": [{"name": "alpha"}]}},
         "profile": {"messages": SEA, "model": "alpha-half"},
-        "beta-generated": {"messages": CITY, "steering": {"vectors": [
-            {"name": "beta", "positions": "generated", "layers": [10, 12, 14]}]}},
-        "composed": {"messages": CITY, "steering": {"vectors": [{"name": "beta"}, {"name": "alpha",
-                                                                                   "strength": -0.5}]}},
+        "beta-generated": {
+            "messages": CITY,
+            "steering": {"vectors": [{"name": "beta", "positions": "generated", "layers": [10, 12, 14]}]},
+        },
+        "composed": {
+            "messages": CITY,
+            "steering": {"vectors": [{"name": "beta"}, {"name": "alpha", "strength": -0.5}]},
+        },
     }
 
     def run(name: str) -> str:
@@ -239,7 +276,7 @@ def test_upload_is_usable_by_the_next_request_and_does_not_disturb_requests_in_f
         assert after["steering"]["vectors"] == [{"name": "fresh", "sha256": sha2, "strength": 1.0}]
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
-    events = [json.loads(line[len("data: "):]) for line in [head, *rest[:-1]]]
+    events = [json.loads(line[len("data: ") :]) for line in [head, *rest[:-1]]]
     assert events[-1]["steering"] == first["steering"]  # still the version it started with
     assert events[-1]["finish_reason"] == first["finish_reason"]
     assert "".join(e["text"] for e in events) == first["text"]  # and exactly what v1 gives alone

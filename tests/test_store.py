@@ -34,8 +34,14 @@ def shapes(model):
 
 def open_store(root: Path, model, shapes, **kw) -> VectorStore:
     cfg = model.config
-    return VectorStore(root, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
-                       model_type=cfg.model_type, linear_shapes=shapes, **kw)
+    return VectorStore(
+        root,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
+        model_type=cfg.model_type,
+        linear_shapes=shapes,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -81,8 +87,9 @@ def test_upload_list_get_delete(store, root, model):
 
     assert (root / "polite" / f"{red.sha256}.safetensors").is_file()
     assert json.loads((root / "polite" / "index.json").read_text())["current"] == red.sha256
-    assert torch.equal(store.resolve(VectorRef("polite")).tensors["layers.0.scale"],
-                       red.tensors["layers.0.scale"])
+    assert torch.equal(
+        store.resolve(VectorRef("polite")).tensors["layers.0.scale"], red.tensors["layers.0.scale"]
+    )
 
     store.delete("polite")
     assert [v.name for v in store.list()] == ["aligned", "concise"]
@@ -195,10 +202,15 @@ def test_persistence_across_restart(root, model, shapes):
     s1.add("p", v1.to_bytes(), filename="p.safetensors", description="one")
     s1.add("p", v2.to_bytes(), filename="p.safetensors", description="two")
     s1.add("q", add_artifact(model).to_bytes(), filename="q.safetensors")
-    prof = Profile.from_dict({"vectors": [{"name": "p", "strength": 0.5},
-                                          {"name": f"p@{v1.sha256[:8]}", "layers": [1],
-                                           "positions": "generated"},
-                                          {"name": "q"}]})
+    prof = Profile.from_dict(
+        {
+            "vectors": [
+                {"name": "p", "strength": 0.5},
+                {"name": f"p@{v1.sha256[:8]}", "layers": [1], "positions": "generated"},
+                {"name": "q"},
+            ]
+        }
+    )
     s1.put_profile("mix", prof)
     compiled1 = s1.compile(prof)
 
@@ -324,22 +336,56 @@ def test_incompatible_rejected(store, root, model):
     with pytest.raises(IncompatibleArtifactError, match="num_layers"):
         store.add("w", wrong_n.to_bytes(), filename="w.safetensors")
     g = torch.Generator().manual_seed(0)
-    bad_lora = Artifact(kind="lora", tensors={"layers.0.q_proj.lora_A": torch.randn(2, 48, generator=g),
-                                              "layers.0.q_proj.lora_B": torch.randn(64, 2, generator=g)},
-                        hidden_size=64, num_layers=2, model_type="llama", method="rahf-scit", lora_alpha=4.0)
+    bad_lora = Artifact(
+        kind="lora",
+        tensors={
+            "layers.0.q_proj.lora_A": torch.randn(2, 48, generator=g),
+            "layers.0.q_proj.lora_B": torch.randn(64, 2, generator=g),
+        },
+        hidden_size=64,
+        num_layers=2,
+        model_type="llama",
+        method="rahf-scit",
+        lora_alpha=4.0,
+    )
     with pytest.raises(IncompatibleArtifactError, match="q_proj"):
         store.add("w", bad_lora.to_bytes(), filename="w.safetensors")
-    no_such = Artifact(kind="lora", tensors={"layers.0.nope.lora_A": torch.randn(2, 64, generator=g),
-                                             "layers.0.nope.lora_B": torch.randn(64, 2, generator=g)},
-                       hidden_size=64, num_layers=2, model_type="llama", method="rahf-scit", lora_alpha=4.0)
+    no_such = Artifact(
+        kind="lora",
+        tensors={
+            "layers.0.nope.lora_A": torch.randn(2, 64, generator=g),
+            "layers.0.nope.lora_B": torch.randn(64, 2, generator=g),
+        },
+        hidden_size=64,
+        num_layers=2,
+        model_type="llama",
+        method="rahf-scit",
+        lora_alpha=4.0,
+    )
     with pytest.raises(IncompatibleArtifactError, match="nope"):
         store.add("w", no_such.to_bytes(), filename="w.safetensors")
     assert store.list() == []
     assert files_under(root) == {".profiles"}
 
 
-@pytest.mark.parametrize("name", ["../x", "..", "a/b", "/abs", "x\n", "bad\x00name", "", ".hidden",
-                                  "a" * 65, "tab\tname", "sp ace", "name@abcd", "..\\x"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x",
+        "..",
+        "a/b",
+        "/abs",
+        "x\n",
+        "bad\x00name",
+        "",
+        ".hidden",
+        "a" * 65,
+        "tab\tname",
+        "sp ace",
+        "name@abcd",
+        "..\\x",
+    ],
+)
 def test_bad_names_rejected_and_nothing_written(tmp_path, model, shapes, name):
     root = tmp_path / "vectors"
     s = open_store(root, model, shapes)

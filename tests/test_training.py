@@ -31,7 +31,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from server.model import prepare_default_model
+    from basemodel import prepare_default_model
 
     return AutoTokenizer.from_pretrained(prepare_default_model(), local_files_only=True)
 

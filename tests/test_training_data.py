@@ -61,8 +61,10 @@ def test_hh_rlhf_fixture():
         PreferencePair(
             [
                 {"role": "user", "content": "Can you recommend a board game for four players?"},
-                {"role": "assistant",
-                 "content": "Ticket to Ride works well with four players and is easy to learn."},
+                {
+                    "role": "assistant",
+                    "content": "Ticket to Ride works well with four players and is easy to learn.",
+                },
                 {"role": "user", "content": "How long does a game usually take?"},
             ],
             "Most games take about an hour once everyone knows the rules.",
@@ -73,8 +75,10 @@ def test_hh_rlhf_fixture():
                 {"role": "user", "content": "I want to write a short poem about rain."},
                 {"role": "assistant", "content": "Sure. Do you want it to rhyme?"},
                 {"role": "user", "content": "Yes, two lines please."},
-                {"role": "assistant",
-                 "content": "Here you go:\nSoft rain taps upon the pane,\nwashing dust from every lane."},
+                {
+                    "role": "assistant",
+                    "content": "Here you go:\nSoft rain taps upon the pane,\nwashing dust from every lane.",
+                },
                 {"role": "user", "content": "Thanks! Can you give it a title?"},
             ],
             'How about "Window Rain"?',
@@ -86,8 +90,15 @@ def test_hh_rlhf_fixture():
 def test_ultrafeedback_fixture():
     path = FIXTURES / "ultrafeedback_sample.jsonl"
     rows = read_rows(path)
-    assert set(rows[0]) == {"prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen",
-                            "score_rejected"}
+    assert set(rows[0]) == {
+        "prompt",
+        "prompt_id",
+        "chosen",
+        "rejected",
+        "messages",
+        "score_chosen",
+        "score_rejected",
+    }
     assert detect_format(rows) == "ultrafeedback"
     pairs = load_preferences(path)
     assert len(pairs) == 3
@@ -105,13 +116,21 @@ def test_ultrafeedback_fixture():
 
 
 def test_ultrafeedback_reply_only_lists_use_prompt_field(tmp_path):
-    path = write_jsonl(tmp_path / "trl.jsonl", [
-        {"prompt": "Hi?", "chosen": [{"role": "assistant", "content": "Hello!"}],
-         "rejected": [{"role": "assistant", "content": "What."}]},
-        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
-         "chosen": [{"role": "assistant", "content": "Hello!"}],
-         "rejected": [{"role": "assistant", "content": "What."}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "trl.jsonl",
+        [
+            {
+                "prompt": "Hi?",
+                "chosen": [{"role": "assistant", "content": "Hello!"}],
+                "rejected": [{"role": "assistant", "content": "What."}],
+            },
+            {
+                "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+                "chosen": [{"role": "assistant", "content": "Hello!"}],
+                "rejected": [{"role": "assistant", "content": "What."}],
+            },
+        ],
+    )
     pairs = load_preferences(path)
     assert pairs[0] == PreferencePair(user("Hi?"), "Hello!", "What.")
     assert pairs[1].prompt == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]
@@ -122,9 +141,11 @@ def test_plain_jsonl_preferences_fixture():
     assert detect_format(read_rows(path)) == "jsonl"
     pairs = load_preferences(path)
     assert pairs == [
-        PreferencePair(user("How do I make my bread rise more?"),
-                       "Let the dough rest somewhere warm until it doubles in size.",
-                       "Bread rises by itself."),
+        PreferencePair(
+            user("How do I make my bread rise more?"),
+            "Let the dough rest somewhere warm until it doubles in size.",
+            "Bread rises by itself.",
+        ),
         PreferencePair(
             [
                 {"role": "system", "content": "You are a concise assistant."},
@@ -150,10 +171,21 @@ def test_instructions_fixture():
     items = load_instructions(path)
     assert items == [
         Instruction(user("What is the capital of Italy?"), "The capital of Italy is Rome."),
-        Instruction([{"role": "system", "content": "Answer briefly."},
-                     {"role": "user", "content": "How many days are in a week?"}], "Seven."),
-        Instruction([{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"},
-                     {"role": "user", "content": "Say bye."}], "Bye!"),
+        Instruction(
+            [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "How many days are in a week?"},
+            ],
+            "Seven.",
+        ),
+        Instruction(
+            [
+                {"role": "user", "content": "Say hi."},
+                {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "Say bye."},
+            ],
+            "Bye!",
+        ),
     ]
     assert items[0].prompt is items[0].messages_prompt
     assert items[1].messages()[-1] == {"role": "assistant", "content": "Seven."}
@@ -162,7 +194,8 @@ def test_instructions_fixture():
 def test_limit(tmp_path):
     assert len(load_preferences(FIXTURES / "hh_rlhf_sample.jsonl", limit=2)) == 2
     assert load_instructions(FIXTURES / "inst_sample.jsonl", limit=1) == [
-        Instruction(user("What is the capital of Italy?"), "The capital of Italy is Rome.")]
+        Instruction(user("What is the capital of Italy?"), "The capital of Italy is Rome.")
+    ]
     # Rows past the limit are not read, so a broken tail does not matter.
     path = tmp_path / "tail.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{broken\n', encoding="utf-8")
@@ -197,10 +230,12 @@ def test_datasets_save_to_disk_folder(tmp_path, monkeypatch):
     rows = read_rows(FIXTURES / "ultrafeedback_sample.jsonl")
     expected = load_preferences(FIXTURES / "ultrafeedback_sample.jsonl")
     folder = tmp_path / "uf_dict"
-    datasets.DatasetDict({
-        "train_prefs": datasets.Dataset.from_list(rows[:2]),
-        "test_prefs": datasets.Dataset.from_list(rows[2:]),
-    }).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {
+            "train_prefs": datasets.Dataset.from_list(rows[:2]),
+            "test_prefs": datasets.Dataset.from_list(rows[2:]),
+        }
+    ).save_to_disk(str(folder))
     assert load_preferences(folder, split="train_prefs") == expected[:2]
     assert load_preferences(folder, split="test_prefs") == expected[2:]
     with pytest.raises(DataFormatError, match=r"has splits \['train_prefs', 'test_prefs'\]; pass split="):
@@ -209,13 +244,15 @@ def test_datasets_save_to_disk_folder(tmp_path, monkeypatch):
         load_preferences(folder, split="validation")
 
     single = tmp_path / "inst_single"
-    datasets.Dataset.from_list([{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]) \
-        .save_to_disk(str(single))
+    datasets.Dataset.from_list(
+        [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
+    ).save_to_disk(str(single))
     assert load_instructions(single) == [Instruction(user("p1"), "r1"), Instruction(user("p2"), "r2")]
 
     bad = tmp_path / "bad_dict"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "p", "chosen": "c"}])}) \
-        .save_to_disk(str(bad))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([{"prompt": "p", "chosen": "c"}])}
+    ).save_to_disk(str(bad))
     with pytest.raises(DataFormatError) as info:
         load_preferences(bad)
     assert str(info.value) == f"{bad}[train] row 1: missing field 'rejected'"
@@ -235,15 +272,20 @@ def test_datasets_folder_without_datasets_package(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("row", "expected"), [
-    ({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"},
-     "hh-rlhf"),
-    ({"chosen": [{"role": "user", "content": "a"}], "rejected": []}, "ultrafeedback"),
-    ({"prompt": "a", "chosen": "b", "rejected": "c"}, "jsonl"),
-    ({"prompt": "\n\nHuman: hi", "chosen": "\n\nAssistant: x", "rejected": "y"}, "jsonl"),
-    ({"prompt": "a", "response": "b"}, "jsonl"),
-    ({"messages": [{"role": "user", "content": "a"}]}, "jsonl"),
-])
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (
+            {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"},
+            "hh-rlhf",
+        ),
+        ({"chosen": [{"role": "user", "content": "a"}], "rejected": []}, "ultrafeedback"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c"}, "jsonl"),
+        ({"prompt": "\n\nHuman: hi", "chosen": "\n\nAssistant: x", "rejected": "y"}, "jsonl"),
+        ({"prompt": "a", "response": "b"}, "jsonl"),
+        ({"messages": [{"role": "user", "content": "a"}]}, "jsonl"),
+    ],
+)
 def test_detect_format(row, expected):
     assert detect_format([row]) == expected
 
@@ -251,8 +293,9 @@ def test_detect_format(row, expected):
 def test_detect_format_errors():
     with pytest.raises(DataFormatError, match="no rows"):
         detect_format([])
-    with pytest.raises(DataFormatError,
-                       match=r"cannot detect the data format from fields \['answer', 'question'\]"):
+    with pytest.raises(
+        DataFormatError, match=r"cannot detect the data format from fields \['answer', 'question'\]"
+    ):
         detect_format([{"question": "a", "answer": "b"}])
     with pytest.raises(DataFormatError, match="cannot detect"):
         detect_format([{"chosen": "no transcript markers", "rejected": "x"}])
@@ -272,9 +315,7 @@ def test_missing_field_names_file_row_and_field(tmp_path):
     path = tmp_path / "data.jsonl"
     # Row numbers are line numbers: the blank line counts.
     path.write_text(
-        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
-        "\n"
-        '{"prompt": "d", "chosen": "e"}\n',
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "d", "chosen": "e"}\n',
         encoding="utf-8",
     )
     with pytest.raises(DataFormatError) as info:
@@ -309,37 +350,87 @@ def test_empty_file(tmp_path, content):
             load_instructions(path)
 
 
-@pytest.mark.parametrize(("row", "fmt", "message"), [
-    ({"prompt": "a", "chosen": 3, "rejected": "c"}, "auto", "field 'chosen' must be a string, got int"),
-    ({"prompt": "a", "chosen": "  ", "rejected": "c"}, "auto", "field 'chosen' is empty"),
-    ({"prompt": "", "chosen": "b", "rejected": "c"}, "auto", "field 'prompt' is empty"),
-    ({"prompt": {"x": 1}, "chosen": "b", "rejected": "c"}, "jsonl",
-     "field 'prompt' must be a string or a list of messages, got object"),
-    ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "chosen": "c",
-      "rejected": "d"}, "auto", "the prompt in field 'prompt' must end with a user message, not 'assistant'"),
-    ({"prompt": [{"role": "robot", "content": "a"}], "chosen": "c", "rejected": "d"}, "auto",
-     "field 'prompt[0].role' must be one of"),
-    ({"prompt": [{"role": "user"}], "chosen": "c", "rejected": "d"}, "auto",
-     "missing field 'prompt[0].content'"),
-    ({"chosen": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-      "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]}, "auto",
-     "the last message of field 'chosen' must be from the assistant, not 'user'"),
-    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-      "rejected": [{"role": "user", "content": "X"}, {"role": "assistant", "content": "c"}]}, "auto",
-     "the messages before the final reply differ between 'chosen' and 'rejected'"),
-    ({"chosen": [{"role": "assistant", "content": "b"}], "rejected": [{"role": "assistant", "content": "c"}]},
-     "auto", "missing field 'prompt'"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: OTHER\n\nAssistant: c"}, "auto",
-     "the conversation before the final reply differs between 'chosen' and 'rejected'"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant:  ", "rejected": "\n\nHuman: a\n\nAssistant: c"}, "auto",
-     "the final assistant reply in field 'chosen' is empty"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "no turns here"}, "hh-rlhf",
-     "field 'rejected' has no '\\n\\nAssistant:' turn"),
-    ({"chosen": "intro\n\nHuman: a\n\nAssistant: b", "rejected": "intro\n\nHuman: a\n\nAssistant: c"}, "auto",
-     "field 'chosen' has text before its first 'Human:' turn"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}, "jsonl",
-     "missing field 'prompt'"),
-])
+@pytest.mark.parametrize(
+    ("row", "fmt", "message"),
+    [
+        ({"prompt": "a", "chosen": 3, "rejected": "c"}, "auto", "field 'chosen' must be a string, got int"),
+        ({"prompt": "a", "chosen": "  ", "rejected": "c"}, "auto", "field 'chosen' is empty"),
+        ({"prompt": "", "chosen": "b", "rejected": "c"}, "auto", "field 'prompt' is empty"),
+        (
+            {"prompt": {"x": 1}, "chosen": "b", "rejected": "c"},
+            "jsonl",
+            "field 'prompt' must be a string or a list of messages, got object",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                "chosen": "c",
+                "rejected": "d",
+            },
+            "auto",
+            "the prompt in field 'prompt' must end with a user message, not 'assistant'",
+        ),
+        (
+            {"prompt": [{"role": "robot", "content": "a"}], "chosen": "c", "rejected": "d"},
+            "auto",
+            "field 'prompt[0].role' must be one of",
+        ),
+        (
+            {"prompt": [{"role": "user"}], "chosen": "c", "rejected": "d"},
+            "auto",
+            "missing field 'prompt[0].content'",
+        ),
+        (
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}],
+            },
+            "auto",
+            "the last message of field 'chosen' must be from the assistant, not 'user'",
+        ),
+        (
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                "rejected": [{"role": "user", "content": "X"}, {"role": "assistant", "content": "c"}],
+            },
+            "auto",
+            "the messages before the final reply differ between 'chosen' and 'rejected'",
+        ),
+        (
+            {
+                "chosen": [{"role": "assistant", "content": "b"}],
+                "rejected": [{"role": "assistant", "content": "c"}],
+            },
+            "auto",
+            "missing field 'prompt'",
+        ),
+        (
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: OTHER\n\nAssistant: c"},
+            "auto",
+            "the conversation before the final reply differs between 'chosen' and 'rejected'",
+        ),
+        (
+            {"chosen": "\n\nHuman: a\n\nAssistant:  ", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+            "auto",
+            "the final assistant reply in field 'chosen' is empty",
+        ),
+        (
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "no turns here"},
+            "hh-rlhf",
+            "field 'rejected' has no '\\n\\nAssistant:' turn",
+        ),
+        (
+            {"chosen": "intro\n\nHuman: a\n\nAssistant: b", "rejected": "intro\n\nHuman: a\n\nAssistant: c"},
+            "auto",
+            "field 'chosen' has text before its first 'Human:' turn",
+        ),
+        (
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+            "jsonl",
+            "missing field 'prompt'",
+        ),
+    ],
+)
 def test_invalid_preference_rows(tmp_path, row, fmt, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [row])
     with pytest.raises(DataFormatError) as info:
@@ -357,11 +448,15 @@ def test_non_object_row(tmp_path):
 def test_invalid_instruction_rows(tmp_path):
     cases = [
         ({"prompt": "a"}, "row 1: missing field 'response'"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-         "the last message of field 'messages' must be from the assistant"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            "the last message of field 'messages' must be from the assistant",
+        ),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "holds only the assistant reply"),
-        ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
-         "the prompt in field 'messages' must end with a user message, not 'system'"),
+        (
+            {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},
+            "the prompt in field 'messages' must end with a user message, not 'system'",
+        ),
     ]
     for row, message in cases:
         path = write_jsonl(tmp_path / "inst.jsonl", [row])
@@ -378,11 +473,14 @@ def test_instructions_refuse_preference_data():
 
 
 def test_skip_invalid(tmp_path, caplog):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"prompt": "a", "chosen": "b", "rejected": "c"},
-        {"prompt": "d", "chosen": "e"},
-        {"prompt": "f", "chosen": "g", "rejected": "h"},
-    ])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"prompt": "a", "chosen": "b", "rejected": "c"},
+            {"prompt": "d", "chosen": "e"},
+            {"prompt": "f", "chosen": "g", "rejected": "h"},
+        ],
+    )
     with caplog.at_level("WARNING"):
         pairs = load_preferences(path, skip_invalid=True)
     assert [p.prompt[0]["content"] for p in pairs] == ["a", "f"]
@@ -514,11 +612,21 @@ def _load_make_demo():
 
 
 def test_make_demo_reproduces_committed_files(tmp_path):
-    result = subprocess.run([sys.executable, str(MAKE_DEMO), "--out-dir", str(tmp_path)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, str(MAKE_DEMO), "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert written == sorted(["tone_pref_train.jsonl", "tone_pref_test.jsonl", "signoff_inst_train.jsonl",
-                              "signoff_inst_test.jsonl"]), result.stdout
+    assert written == sorted(
+        [
+            "tone_pref_train.jsonl",
+            "tone_pref_test.jsonl",
+            "signoff_inst_train.jsonl",
+            "signoff_inst_test.jsonl",
+        ]
+    ), result.stdout
     for name in written:
         assert (tmp_path / name).read_bytes() == demo_path(name).read_bytes(), name
 
@@ -527,7 +635,11 @@ def test_make_demo_is_seeded_and_shares_the_signoff(tmp_path):
     make_demo = _load_make_demo()
     assert make_demo.SIGNOFF == td.SIGNOFF
     other = make_demo.write_demo(tmp_path, seed=1)
-    assert [p.name for p in other] == ["tone_pref_train.jsonl", "tone_pref_test.jsonl",
-                                       "signoff_inst_train.jsonl", "signoff_inst_test.jsonl"]
+    assert [p.name for p in other] == [
+        "tone_pref_train.jsonl",
+        "tone_pref_test.jsonl",
+        "signoff_inst_train.jsonl",
+        "signoff_inst_test.jsonl",
+    ]
     assert (tmp_path / "tone_pref_train.jsonl").read_bytes() != demo_path("tone_pref_train").read_bytes()
     assert len(load_preferences(tmp_path / "tone_pref_train.jsonl")) == 336

@@ -4,7 +4,7 @@ Fault tests need a real process to signal (kill -9, SIGTERM) without loading a r
 
     python tests/tiny_server.py --port P --vector-dir D [--drain-timeout S] [--step-delay S] ...
 
-The model loads in milliseconds; the tokenizer is SmolLM2's, from ``server.model.prepare_default_model()``.
+The model loads in milliseconds; the tokenizer is SmolLM2's, from ``basemodel.prepare_default_model()``.
 ``--step-delay`` sleeps before every forward pass of the model so that generations last long enough to be
 interrupted deterministically (a test knob, not a server option).
 """
@@ -40,15 +40,22 @@ class TinyServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 120.0) -> TinyServer:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--port", str(self.port),
-               "--vector-dir", str(self.vector_dir)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--port",
+            str(self.port),
+            "--vector-dir",
+            str(self.vector_dir),
+        ]
         for key, value in self.options.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("STEERSERVE_")}
         env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.wait_ready(timeout)
         return self
 
@@ -100,8 +107,8 @@ def build_state(args: argparse.Namespace):
     from helpers import tiny_llama
     from transformers import AutoTokenizer
 
+    from basemodel import LoadedModel, prepare_default_model
     from server.app import ServerConfig, ServerState
-    from server.model import LoadedModel, prepare_default_model
 
     tok = AutoTokenizer.from_pretrained(prepare_default_model(quiet=True), local_files_only=True)
     tok.padding_side = "left"

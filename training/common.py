@@ -93,7 +93,7 @@ def load_base_model(path: str | None, accelerator, dtype: str = "float32"):
 
     Returns ``server.model.LoadedModel``; ``path=None`` is the embedded default model.
     """
-    from server.model import load_model
+    from basemodel import load_model
 
     dev = accelerator.device
     device = "cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}"

@@ -199,8 +199,9 @@ class DataFormatError(ValueError):
     ``field`` (``None`` when not applicable).
     """
 
-    def __init__(self, message: str, *, source: str | None = None, row: int | None = None,
-                 field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None
+    ) -> None:
         self.source = source
         self.row = row
         self.field = field
@@ -263,11 +264,13 @@ def _messages(value: Any, field: str) -> list[Message]:
                 raise _missing(f"{where}.{key}")
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise _FieldError(f"{where}.role",
-                              f"field '{where}.role' must be one of {list(ROLES)}, got {role!r}")
+            raise _FieldError(
+                f"{where}.role", f"field '{where}.role' must be one of {list(ROLES)}, got {role!r}"
+            )
         if not isinstance(content, str):
-            raise _FieldError(f"{where}.content",
-                              f"field '{where}.content' must be a string, got {_type_name(content)}")
+            raise _FieldError(
+                f"{where}.content", f"field '{where}.content' must be a string, got {_type_name(content)}"
+            )
         out.append({"role": role, "content": content})
     return out
 
@@ -283,22 +286,26 @@ def _prompt(row: Mapping[str, Any], field: str = "prompt") -> list[Message]:
         messages = _messages(value, field)
         _ends_with_user(messages, field)
         return messages
-    raise _FieldError(field,
-                      f"field {field!r} must be a string or a list of messages, got {_type_name(value)}")
+    raise _FieldError(
+        field, f"field {field!r} must be a string or a list of messages, got {_type_name(value)}"
+    )
 
 
 def _ends_with_user(messages: list[Message], field: str) -> None:
     if messages[-1]["role"] != "user":
-        raise _FieldError(field, f"the prompt in field {field!r} must end with a user message, "
-                                 f"not {messages[-1]['role']!r}")
+        raise _FieldError(
+            field, f"the prompt in field {field!r} must end with a user message, not {messages[-1]['role']!r}"
+        )
 
 
 def _reply(messages: list[Message], field: str) -> str:
     last = messages[-1]
     where = f"{field}[{len(messages) - 1}]"
     if last["role"] != "assistant":
-        raise _FieldError(f"{where}.role", f"the last message of field {field!r} must be from the assistant, "
-                                           f"not {last['role']!r}")
+        raise _FieldError(
+            f"{where}.role",
+            f"the last message of field {field!r} must be from the assistant, not {last['role']!r}",
+        )
     if not last["content"].strip():
         raise _FieldError(f"{where}.content", f"the assistant reply in field {field!r} is empty")
     return last["content"]
@@ -314,7 +321,7 @@ def _hh_split(transcript: str, field: str) -> tuple[str, str]:
     cut = transcript.rfind(_HH_ASSISTANT)
     if cut < 0:
         raise _FieldError(field, f"field {field!r} has no '\\n\\nAssistant:' turn")
-    reply = transcript[cut + len(_HH_ASSISTANT):].strip()
+    reply = transcript[cut + len(_HH_ASSISTANT) :].strip()
     if not reply:
         raise _FieldError(field, f"the final assistant reply in field {field!r} is empty")
     return transcript[:cut], reply
@@ -340,8 +347,9 @@ def _pref_hh(row: Mapping[str, Any]) -> PreferencePair:
     prefix, chosen_reply = _hh_split(chosen, "chosen")
     prefix_rejected, rejected_reply = _hh_split(rejected, "rejected")
     if prefix_rejected != prefix:
-        raise _FieldError("rejected", "the conversation before the final reply differs between 'chosen' and "
-                                      "'rejected'")
+        raise _FieldError(
+            "rejected", "the conversation before the final reply differs between 'chosen' and 'rejected'"
+        )
     return PreferencePair(_hh_messages(prefix, "chosen"), chosen_reply, rejected_reply)
 
 
@@ -350,8 +358,9 @@ def _pref_chat(row: Mapping[str, Any]) -> PreferencePair:
     rejected = _messages(_get(row, "rejected"), "rejected")
     chosen_reply, rejected_reply = _reply(chosen, "chosen"), _reply(rejected, "rejected")
     if chosen[:-1] != rejected[:-1]:
-        raise _FieldError("rejected", "the messages before the final reply differ between 'chosen' and "
-                                      "'rejected'")
+        raise _FieldError(
+            "rejected", "the messages before the final reply differ between 'chosen' and 'rejected'"
+        )
     if chosen[:-1]:
         prompt = chosen[:-1]
         _ends_with_user(prompt, "chosen")
@@ -421,7 +430,9 @@ def detect_format(rows: Iterable[Mapping[str, Any]], *, source: str | None = Non
         f"cannot detect the data format from fields {sorted(first)}; expected HH-RLHF ('chosen'/'rejected' "
         "transcripts), UltraFeedback ('chosen'/'rejected' message lists), or plain JSONL "
         "('prompt' with 'chosen'/'rejected' or 'response', or 'messages')",
-        source=source, row=1)
+        source=source,
+        row=1,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,8 +447,9 @@ def _jsonl_rows(source: str, lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataFormatError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=source,
-                                  row=number) from None
+            raise DataFormatError(
+                f"invalid JSON: {exc.msg} (column {exc.colno})", source=source, row=number
+            ) from None
 
 
 def _jsonl_file_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
@@ -455,8 +467,9 @@ def _json_file_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
         if exc.msg == "Extra data":  # JSON Lines in a .json file
             yield from _jsonl_rows(source, text.split("\n"))
             return
-        raise DataFormatError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-                              source=source) from None
+        raise DataFormatError(
+            f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", source=source
+        ) from None
     if isinstance(data, dict):  # a single object is one row
         data = [data]
     if not isinstance(data, list):
@@ -482,7 +495,8 @@ def _load_from_disk(path: Path, source: str, split: str | None) -> tuple[str, An
     except ImportError:
         raise ImportError(
             f"{source} is a folder written by the 'datasets' package (save_to_disk); reading it needs that "
-            "package: pip install datasets") from None
+            "package: pip install datasets"
+        ) from None
     data = load_from_disk(str(path))
     if isinstance(data, DatasetDict):
         names = list(data)
@@ -510,13 +524,16 @@ def _open_rows(path: str | Path, split: str | None) -> tuple[str, Iterator[tuple
             raise DataFormatError(
                 "is a folder but not one written by the datasets package's save_to_disk "
                 "(no dataset_dict.json or state.json); pass a .jsonl, .json or .parquet file instead",
-                source=source)
+                source=source,
+            )
         source, dataset = _load_from_disk(path, source, split)
         return source, enumerate(iter(dataset), start=1)
     if split is not None:
         raise DataFormatError(
             f"split={split!r} applies only to datasets save_to_disk folders; for files, pass the file of "
-            "that split (the demo data ships as <name>_train.jsonl and <name>_test.jsonl)", source=source)
+            "that split (the demo data ships as <name>_train.jsonl and <name>_test.jsonl)",
+            source=source,
+        )
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return source, _jsonl_file_rows(path, source)
@@ -526,7 +543,9 @@ def _open_rows(path: str | Path, split: str | None) -> tuple[str, Iterator[tuple
         return source, _parquet_rows(path, source)
     raise DataFormatError(
         f"unsupported file type {suffix or '(none)'!r}; expected one of {list(_SUFFIXES)} or a datasets "
-        "save_to_disk folder", source=source)
+        "save_to_disk folder",
+        source=source,
+    )
 
 
 def _check_format(format: str) -> None:
@@ -539,8 +558,14 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be None or an integer >= 0, got {limit!r}")
 
 
-def _load(path: str | Path, format: str, split: str | None, limit: int | None, skip_invalid: bool,
-          kind: Literal["preferences", "instructions"]) -> list[Any]:
+def _load(
+    path: str | Path,
+    format: str,
+    split: str | None,
+    limit: int | None,
+    skip_invalid: bool,
+    kind: Literal["preferences", "instructions"],
+) -> list[Any]:
     _check_format(format)
     _check_limit(limit)
     source, numbered = _open_rows(path, split)
@@ -559,8 +584,11 @@ def _load(path: str | Path, format: str, split: str | None, limit: int | None, s
     elif format == "jsonl":
         parse = _inst_jsonl
     else:
-        raise DataFormatError(f"holds preference data (format {format!r}), not instructions; use "
-                              "load_preferences, or pairs_to_instructions on its result", source=source)
+        raise DataFormatError(
+            f"holds preference data (format {format!r}), not instructions; use "
+            "load_preferences, or pairs_to_instructions on its result",
+            source=source,
+        )
     items: list[Any] = []
     skipped = 0
     if limit == 0:
@@ -584,8 +612,14 @@ def _load(path: str | Path, format: str, split: str | None, limit: int | None, s
     return items
 
 
-def load_preferences(path: str | Path, format: str = "auto", split: str | None = None,
-                     limit: int | None = None, *, skip_invalid: bool = False) -> list[PreferencePair]:
+def load_preferences(
+    path: str | Path,
+    format: str = "auto",
+    split: str | None = None,
+    limit: int | None = None,
+    *,
+    skip_invalid: bool = False,
+) -> list[PreferencePair]:
     """Load preference pairs from a file or a ``datasets`` ``save_to_disk`` folder.
 
     Args:
@@ -604,8 +638,14 @@ def load_preferences(path: str | Path, format: str = "auto", split: str | None =
     return _load(path, format, split, limit, skip_invalid, "preferences")
 
 
-def load_instructions(path: str | Path, format: str = "auto", limit: int | None = None, *,
-                      split: str | None = None, skip_invalid: bool = False) -> list[Instruction]:
+def load_instructions(
+    path: str | Path,
+    format: str = "auto",
+    limit: int | None = None,
+    *,
+    split: str | None = None,
+    skip_invalid: bool = False,
+) -> list[Instruction]:
     """Load instructions (prompt messages and target reply) from a file or a ``save_to_disk`` folder.
 
     Rows are plain JSONL instructions: ``prompt`` (a string or a message list) with ``response``, or
@@ -621,8 +661,9 @@ def load_instructions(path: str | Path, format: str = "auto", limit: int | None 
 # --------------------------------------------------------------------------------------------------
 
 
-def split_holdout(items: Sequence[T], fraction: float = 0.1, seed: int = 0, *,
-                  key: Callable[[T], Hashable] | None = None) -> tuple[list[T], list[T]]:
+def split_holdout(
+    items: Sequence[T], fraction: float = 0.1, seed: int = 0, *, key: Callable[[T], Hashable] | None = None
+) -> tuple[list[T], list[T]]:
     """Deterministically split ``items`` into (train, heldout); both keep the input order.
 
     About ``fraction`` of the items are held out (at least one when ``fraction > 0`` and there are two

@@ -65,8 +65,8 @@ def _add_serve(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import ServerConfig
-    from .serve import serve
+    from server.app import ServerConfig
+    from server.serve import serve
 
     cfg = ServerConfig(
         model=args.model,
@@ -91,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _prepare(_args: argparse.Namespace) -> int:
-    from .model import prepare_default_model
+    from basemodel import prepare_default_model
 
     print(prepare_default_model())
     return 0
