@@ -1,188 +1,60 @@
-"""The generation engine: iteration-level (continuous) batching with per-row steering slots.
+"""The generation engine: continuous batching with per-row steering over a paged KV cache.
 
-One background thread runs the loop  schedule -> forward -> sample -> postprocess:
+One background thread runs :meth:`Engine.step` in a loop:  schedule -> forward -> sample -> postprocess.
 
-- schedule: drop cancelled rows, admit waiting requests (up to ``max_batch_size`` rows) between decode
-  steps; each admitted request acquires a steering slot for its compiled profile;
-- forward: new requests are prefilled together (left padded, their own KV cache), then their cache is
-  merged into the running batch's; every step decodes one token for all running rows at once;
-- sample: greedy / temperature / top-k / top-p per row, vectorised over the batch;
-- postprocess: incremental detokenisation, stop strings, EOS, length; finished rows leave at once.
+- schedule (:mod:`.scheduler`): drop cancelled rows, admit waiting requests by rows, KV capacity and
+  steering slots, and plan the pass: one token per decoding row plus prompt chunks within
+  ``max_batched_tokens``;
+- forward (:mod:`.runner`): one packed pass over the paged cache, steering applied per token;
+- sample (:mod:`.sampler`): penalties, bias, temperature, min-p, top-k, top-p, draws and log-probs,
+  vectorised over the rows;
+- postprocess: incremental detokenisation (:mod:`.detokenizer`), stop strings, EOS, length; finished
+  rows leave at once and free their pages and slot.
 
-The engine imports nothing from the web layer: results go to a :class:`RequestHandle` that an asyncio
-caller awaits (or a thread blocks on). It never touches the network.
+Faults stay in their row: settings are validated before queueing; a failing forward pass is retried
+row by row and only the rows that fail alone are failed; a failing draw fails its row only; a failed
+steering-slot allocation fails its request and changes nothing else. The engine imports nothing from
+the web layer: results go to a :class:`RequestHandle`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from steering_vectors import CompiledProfile, SlotsExhaustedError, SteeringHooks
 
-__all__ = [
-    "ContextLengthError",
-    "DrainingError",
-    "Engine",
-    "EngineEvent",
-    "GenerationResult",
-    "QueueFullError",
-    "RequestHandle",
-    "SamplingParams",
-]
+from .attention import install_paged_attention
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import PagedKVCache
+from .params import SamplingParams, generation_defaults
+from .request import ContextLengthError, DrainingError, EngineEvent, QueueFullError, RequestHandle
+from .runner import ModelRunner, relayout_for_decode
+from .sampler import RowSampler
+from .scheduler import Scheduler
+from .sequence import Group
+from .sequence import Sequence as Seq
+
+__all__ = ["Engine"]
 
 log = logging.getLogger("steerserve.engine")
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is full (HTTP 429); ``retry_after`` is a hint in seconds."""
-
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class DrainingError(RuntimeError):
-    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
-
-
-class ContextLengthError(ValueError):
-    """Prompt plus max_new_tokens do not fit the model's context (HTTP 400)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings. ``temperature == 0`` is greedy; ``top_k == 0`` means no limit."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError("temperature must be between 0 and 100")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if len(self.stop) > 8 or any(not s or len(s) > 256 for s in self.stop):
-            raise ValueError("stop: at most 8 non-empty strings of at most 256 characters")
-
-
-@dataclass(frozen=True)
-class EngineEvent:
-    """A streamed piece of output: a text delta, and on the last event the finish reason and usage."""
-
-    text: str
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-class RequestHandle:
-    """The caller's side of one request: stream events, await the result, or cancel."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.id = request_id
-        self._loop = loop
-        self._aq: asyncio.Queue[EngineEvent] | None = asyncio.Queue() if loop is not None else None
-        self._tq: queue.Queue[EngineEvent] = queue.Queue()
-        self.cancelled = False
-        self.timings: dict[str, float] = {}
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request; its row is freed before the next decode step."""
-        self.cancelled = True
-
-    def _push(self, event: EngineEvent) -> None:
-        if self._aq is not None and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, event)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-                self.cancelled = True
-        else:
-            self._tq.put(event)
-
-    async def events(self) -> AsyncIterator[EngineEvent]:
-        """Yield events until the one that carries ``finish_reason``."""
-        if self._aq is None:
-            raise RuntimeError("this handle was submitted without an event loop; use wait()")
-        while True:
-            ev = await self._aq.get()
-            yield ev
-            if ev.finish_reason is not None:
-                return
-
-    async def result(self) -> GenerationResult:
-        """Await the whole output."""
-        return self._collect([ev async for ev in self.events()])
-
-    def wait(self, timeout: float | None = None) -> GenerationResult:
-        """Block (in a non-async caller) until the request finishes."""
-        events = [self._tq.get(timeout=timeout)]
-        while events[-1].finish_reason is None:
-            events.append(self._tq.get(timeout=timeout))
-        return self._collect(events)
-
-    def _collect(self, events: list[EngineEvent]) -> GenerationResult:
-        last = events[-1]
-        return GenerationResult(
-            "".join(ev.text for ev in events),
-            last.finish_reason or "cancelled",
-            last.prompt_tokens,
-            last.completion_tokens,
-            dict(self.timings),
-        )
-
-
-@dataclass
-class _Seq:
-    """Engine-side state of one request."""
-
-    handle: RequestHandle
-    prompt: list[int]
-    params: SamplingParams
-    profile: CompiledProfile | None
-    arrival: float
-    generator: torch.Generator | None
-    slot: int = 0
-    out: list[int] = field(default_factory=list)
-    pos: int = 0  # position id of the next token
-    sent: int = 0  # characters of text already streamed
-    last_token_time: float = 0.0
-    finish: str | None = None
 
 
 class Engine:
     """Continuous-batching generation over one model with per-row steering.
 
     ``hooks`` is the model's installed :class:`SteeringHooks` (``None`` serves unsteered only).
+    ``kv_cache_tokens`` (default: the context length, at least 1,024 per row) is the KV cache's capacity
+    over all rows, in tokens; ``max_batched_tokens`` (default 256) bounds the tokens of one forward pass (decode
+    tokens plus prompt chunks); ``page_size`` is the KV page size in tokens. ``relayout_weights``
+    stores linear weights column-major on CPU, which MKL multiplies faster for decode-sized batches.
     ``observer`` (e.g. :class:`server.metrics.Metrics`) gets callbacks, any subset of:
     ``observe_batch(rows)``, ``set_queue(running=, waiting=)``, ``observe_queue_wait(s)``,
     ``observe_ttft(s)``, ``observe_inter_token(s)``, ``add_tokens(prompt=, generated=)``.
@@ -198,6 +70,10 @@ class Engine:
         max_queue: int = 64,
         max_new_tokens_cap: int = 2048,
         context_length: int | None = None,
+        kv_cache_tokens: int | None = None,
+        max_batched_tokens: int = 256,
+        page_size: int = 64,
+        relayout_weights: bool = True,
         observer: Any = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
@@ -209,20 +85,33 @@ class Engine:
         self.context_length = context_length or int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
         )
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.device = next(model.parameters()).device
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.defaults = generation_defaults(getattr(model, "generation_config", None))
+        heads = cfg.num_attention_heads
+        self.cache = PagedKVCache(
+            num_layers=cfg.num_hidden_layers,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            capacity_tokens=kv_cache_tokens or max(self.context_length, 1024 * max_batch_size),
+            page_size=page_size,
+            dtype=next(model.parameters()).dtype
+            if next(model.parameters()).is_floating_point()
+            else torch.float32,
+            device=self.device,
+        )
+        self.scheduler = Scheduler(self.cache, max_rows=max_batch_size, max_batched_tokens=max_batched_tokens)
+        self.sampler = RowSampler(max_batch_size, self.vocab_size, self.eos_ids, self.device)
+        if relayout_weights:
+            relayout_for_decode(model)
+        self.attention = install_paged_attention(model)
+        self.runner = ModelRunner(model, hooks, self.cache)
         self._observer = observer
-        self._waiting: deque[_Seq] = deque()
-        self._rows: list[_Seq] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [B, S] 1 = real token, 0 = padding
+        self._texts: dict[int, str] = {}
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
-        self._rng = torch.Generator().manual_seed(torch.seed())
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.draining = False
@@ -242,7 +131,7 @@ class Engine:
 
     def idle(self) -> bool:
         with self._cv:
-            return not self._rows and not self._waiting
+            return not self.scheduler.running and not self.scheduler.waiting
 
     def stop(self, timeout: float = 5.0) -> None:
         """Drain, wait up to ``timeout`` for in-flight requests, then stop the loop."""
@@ -259,11 +148,12 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        """Requests with rows in the batch."""
+        return len({id(s.group) for s in self.scheduler.running})
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler.waiting)
 
     # ---- submission ----------------------------------------------------------------------------------
     def submit(
@@ -275,53 +165,64 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
         request_id: str | None = None,
     ) -> RequestHandle:
-        """Queue a request; raises :class:`DrainingError`, :class:`QueueFullError` or ``ValueError``."""
+        """Queue a request; raises :class:`DrainingError`, :class:`QueueFullError` or ``ValueError``
+        (:class:`ContextLengthError` when it can never fit) before anything is queued."""
         if self.draining or self._stopping:
             raise DrainingError("server is draining; not accepting new requests")
+        params = params.resolved(self.defaults)
+        prompt = self._check(prompt_ids, params, profile)
+        pages = self.scheduler.check(len(prompt), params.max_new_tokens, params.n)
+        handle = RequestHandle(request_id or f"req-{next(self._ids)}", loop, n=params.n)
+        group = Group(handle, prompt, params, profile, time.monotonic(), pages)
+        for i in range(params.n):
+            gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
+            group.seqs.append(Seq(group, i, IncrementalDetokenizer(self.tokenizer, params.stop), gen))
+        with self._cv:
+            if len(self.scheduler.waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"queue full ({self.max_queue} waiting)", retry_after=self._retry_after()
+                )
+            self.scheduler.waiting.append(group)
+            self._notify_queue()
+            self._cv.notify_all()
+        return handle
+
+    def _check(self, prompt_ids: Sequence[int], params: SamplingParams, profile: CompiledProfile | None):
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if params.max_new_tokens > self.max_new_tokens_cap:
             raise ValueError(
                 f"max_new_tokens {params.max_new_tokens} exceeds the cap of {self.max_new_tokens_cap}"
             )
-        if len(prompt_ids) + params.max_new_tokens > self.context_length:
+        if len(prompt_ids) + params.max_new_tokens > self.context_length:  # before touching the ids
             raise ContextLengthError(
                 f"prompt of {len(prompt_ids)} tokens plus max_new_tokens {params.max_new_tokens} exceeds "
                 f"the context length of {self.context_length}"
             )
-        if profile is not None and not profile.is_identity and self.hooks is None:
-            raise ValueError("steering is disabled on this engine")
-        handle = RequestHandle(request_id or f"req-{next(self._ids)}", loop)
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        seq = _Seq(
-            handle=handle,
-            prompt=list(prompt_ids),
-            params=params,
-            profile=profile,
-            arrival=time.monotonic(),
-            generator=gen,
-        )
-        with self._cv:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(
-                    f"queue full ({self.max_queue} waiting)", retry_after=self._retry_after()
-                )
-            self._waiting.append(seq)
-            self._notify_queue()
-            self._cv.notify_all()
-        return handle
+        prompt = [int(t) for t in prompt_ids]
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        bad = [t for t in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is not in the vocabulary of {self.vocab_size}")
+        if profile is not None and not profile.is_identity:
+            if self.hooks is None:
+                raise ValueError("steering is disabled on this engine")
+            self.hooks.check(profile)
+        return prompt
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, profile: CompiledProfile | None = None
-    ) -> GenerationResult:
-        """Blocking convenience for in-process callers (the engine must be started)."""
+    ) -> Any:
+        """Blocking convenience for in-process callers (the engine must be started): the result of
+        sample 0 (use ``submit(...).wait_all()`` for n > 1)."""
         return self.submit(prompt_ids, params, profile).wait()
 
     def _retry_after(self) -> int:
-        return max(1, min(60, len(self._waiting) // max(1, self.max_batch_size)))
+        return max(1, min(60, len(self.scheduler.waiting) // max(1, self.max_batch_size)))
 
     def _notify_queue(self) -> None:
-        self._emit("set_queue", running=len(self._rows), waiting=len(self._waiting))
+        self._emit("set_queue", running=self.running, waiting=len(self.scheduler.waiting))
 
     def _emit(self, name: str, *args: Any, **kwargs: Any) -> None:
         fn: Callable[..., None] | None = getattr(self._observer, name, None)
@@ -333,240 +234,163 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._stopping:
             try:
-                self._schedule()
-                if not self._rows:
+                if not self.step():
                     with self._cv:
-                        if not self._waiting and not self._stopping:
+                        if not self.scheduler.waiting and not self._stopping:
                             self._cv.wait(timeout=0.05)
-                    continue
-                self._decode_step()
-            except Exception as e:  # one bad batch must not kill the server: fail its requests
+            except Exception as e:  # a fault of the engine itself: fail what runs, reset, carry on
                 log.exception("engine step failed")
-                for seq in self._rows:
-                    self._finish(seq, "error", error=str(e))
-                self._rows, self._cache, self._mask = [], None, None
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+        with self._cv:
+            leftover = list(self.scheduler.waiting)
+            self.scheduler.waiting.clear()
+        for seq in list(self.scheduler.running) + [s for g in leftover for s in g.seqs]:
+            self._finish(seq, "cancelled")
+        self._notify_queue()
+
+    def step(self) -> bool:
+        """One iteration: schedule -> forward -> sample -> postprocess. False when there was nothing to do."""
+        self._reap_cancelled()
+        self._admit()
+        works, failed = self.scheduler.plan()
+        for seq, err in failed:
+            self._fail(seq, err)
+        if not works:
+            return bool(self.scheduler.running)
+        out = self.runner.run(works)
+        self._emit("observe_batch", len(works))
+        rows: list[Seq] = []
+        logits: list[torch.Tensor] = []
+        for i, w in enumerate(works):
+            if i in out.failed:
+                self._fail(w.seq, out.failed[i])
+                continue
+            w.seq.cached += len(w.tokens)
+            if i in out.logits:
+                drawn = self.scheduler.fork(w.seq) if w.seq.group.params.n > 1 and not w.seq.out else [w.seq]
+                rows += drawn
+                logits += [out.logits[i]] * len(drawn)
+        if rows:
+            self._sample_and_emit(rows, torch.stack(logits))
+        return True
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self.scheduler.running if s.group.handle.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        while True:
+            with self._cv:
+                waiting = self.scheduler.waiting
+                while waiting and waiting[0].handle.cancelled:  # gave up while queued: its place goes
+                    for seq in waiting.popleft().seqs:
+                        self._finish(seq, "cancelled")
+                if not waiting or not self.scheduler.fits(waiting[0]):
+                    return
+                group = waiting.popleft()
+            try:
+                if group.profile is not None and self.hooks is not None:
+                    group.slot = self.hooks.acquire(group.profile)  # allocates first; rolls back on failure
+            except SlotsExhaustedError:  # wait for rows to finish and free their slots
+                with self._cv:
+                    self.scheduler.waiting.appendleft(group)
+                return
+            except Exception as e:  # noqa: BLE001 - this request's allocation failed; nothing changed
+                log.exception("steering slot allocation failed")
+                for seq in group.seqs:
+                    self._finish(seq, "error", error=f"steering slot allocation failed: {e}")
+                continue
+            with self._cv:
+                self.scheduler.start(group)
                 self._notify_queue()
-        with self._cv:
-            leftover = list(self._waiting) + self._rows
-            self._waiting.clear()
-            self._rows, self._cache, self._mask = [], None, None  # idle() is true once stopped
-        for seq in leftover:
-            self._finish(seq, "cancelled")
-        self._notify_queue()
-
-    def _schedule(self) -> None:
-        # free cancelled rows first (a client that disconnected frees its row)
-        if any(s.handle.cancelled for s in self._rows):
-            keep = [i for i, s in enumerate(self._rows) if not s.handle.cancelled]
-            for s in self._rows:
-                if s.handle.cancelled:
-                    self._finish(s, "cancelled")
-            self._select_rows(keep)
-        new: list[_Seq] = []
-        with self._cv:
-            dropped = [s for s in self._waiting if s.handle.cancelled]
-            if dropped:  # a client that gave up while queued frees its place at once
-                self._waiting = deque(s for s in self._waiting if not s.handle.cancelled)
-            while self._waiting and len(self._rows) + len(new) < self.max_batch_size:
-                seq = self._waiting[0]
-                if seq.profile is not None and self.hooks is not None:
-                    try:
-                        seq.slot = self.hooks.acquire(seq.profile)
-                    except SlotsExhaustedError:
-                        break  # wait for rows to finish and free their slots
-                self._waiting.popleft()
-                new.append(seq)
-            if dropped or new:
-                self._emit("set_queue", running=len(self._rows) + len(new), waiting=len(self._waiting))
-        for seq in dropped:
-            self._finish(seq, "cancelled")
-        if new:
-            now = time.monotonic()
-            for seq in new:
-                self._emit("observe_queue_wait", now - seq.arrival)
-            self._prefill(new)
-
-    def _forward(
-        self,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        pos: torch.Tensor,
-        cache: DynamicCache,
-        slots: list[int],
-        generated: bool,
-    ) -> torch.Tensor:
-        """One model call; returns the last position's logits [B, V] in float32."""
-        kwargs = {self._cache_kw: cache}
-        if self.hooks is not None:
-            self.hooks.set_batch(slots, generated=generated)
-        try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **kwargs,
-            )
-        finally:
-            if self.hooks is not None:
-                self.hooks.clear_batch()
-        self._emit("observe_batch", ids.shape[0])
-        return out.logits[:, -1].float()
-
-    def _prefill(self, new: list[_Seq]) -> None:
-        T = max(len(s.prompt) for s in new)
-        ids = torch.full((len(new), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(new), T, dtype=torch.long)
-        for i, s in enumerate(new):
-            ids[i, T - len(s.prompt) :] = torch.tensor(s.prompt)
-            mask[i, T - len(s.prompt) :] = 1
-            s.pos = len(s.prompt)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-        cache = DynamicCache()
-        logits = self._forward(
-            ids.to(self.device),
-            mask.to(self.device),
-            pos.to(self.device),
-            cache,
-            [s.slot for s in new],
-            generated=False,
-        )
-        self._merge(new, cache, mask.to(self.device))
-        self._sample_and_emit(new, logits)
-
-    def _decode_step(self) -> None:
-        rows = self._rows
-        ids = torch.tensor([[s.out[-1]] for s in rows], dtype=torch.long, device=self.device)  # [B, 1]
-        pos = torch.tensor([[s.pos] for s in rows], dtype=torch.long, device=self.device)  # [B, 1]
-        assert self._mask is not None and self._cache is not None  # noqa: S101 - internal invariant
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)  # [B, S+1]
-        logits = self._forward(ids, self._mask, pos, self._cache, [s.slot for s in rows], generated=True)
-        self._sample_and_emit(rows, logits)
-
-    # ---- KV cache bookkeeping ----------------------------------------------------------------------
-    @staticmethod
-    def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-        if n == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = n
-        return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-    def _merge(self, new: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append prefilled rows (their cache [b, H, T, D], mask [b, T]) to the running batch."""
-        if not self._rows or self._cache is None or self._mask is None:
-            self._rows, self._cache, self._mask = list(new), cache, mask
-            return
-        s_old, s_new = self._mask.shape[1], mask.shape[1]
-        S = max(s_old, s_new)
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            for name in ("keys", "values"):
-                a = self._pad_left(getattr(old_layer, name), S - s_old, dim=-2)
-                b = self._pad_left(getattr(new_layer, name), S - s_new, dim=-2)
-                setattr(old_layer, name, torch.cat([a, b], dim=0))
-        self._mask = torch.cat([self._pad_left(self._mask, S - s_old, 1), self._pad_left(mask, S - s_new, 1)])
-        self._rows = self._rows + list(new)
-
-    def _select_rows(self, keep: list[int]) -> None:
-        """Keep only rows ``keep``; trim cache columns that are padding in every remaining row."""
-        if len(keep) == len(self._rows):
-            return
-        self._rows = [self._rows[i] for i in keep]
-        if not keep or self._cache is None or self._mask is None:
-            self._rows, self._cache, self._mask = [], None, None
-            self._notify_queue()
-            return
-        idx = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, idx)
-        first = int(mask.any(0).nonzero()[0])  # leading all-padding columns can go
-        self._mask = mask[:, first:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
-            layer.values = layer.values.index_select(0, idx)[:, :, first:]
-        self._notify_queue()
+            group.admitted = time.monotonic()
+            self._emit("observe_queue_wait", group.admitted - group.arrival)
+            for seq in group.seqs:
+                self.sampler.reset(seq)
 
     # ---- sampling and postprocessing ---------------------------------------------------------------
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Pick one token per row from ``logits`` [B, V] (float32), vectorised across rows."""
-        greedy = logits.argmax(-1)  # [B]
-        temps = torch.tensor([s.params.temperature for s in seqs])
-        if bool((temps == 0).all()):
-            return greedy.tolist()
-        t = temps.clamp(min=1e-5).to(logits.device)[:, None]  # [B, 1]
-        probs_sorted, order = torch.sort(torch.softmax(logits / t, dim=-1), dim=-1, descending=True)  # [B, V]
-        rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]  # [1, V]
-        top_k = torch.tensor([s.params.top_k or logits.shape[-1] for s in seqs], device=logits.device)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
-        cum = probs_sorted.cumsum(-1)
-        keep = (rank < top_k[:, None]) & ((cum - probs_sorted) < top_p[:, None])  # the first always stays
-        probs_sorted = probs_sorted * keep
-        cdf = probs_sorted.cumsum(-1)  # [B, V]
-        u = torch.stack([torch.rand((), generator=s.generator or self._rng) for s in seqs])  # [B]
-        u = u.to(logits.device)[:, None] * cdf[:, -1:]
-        choice = torch.searchsorted(cdf, u).clamp(max=logits.shape[-1] - 1)  # [B, 1]
-        sampled = order.gather(-1, choice)[:, 0]
-        return torch.where(temps.to(logits.device) == 0, greedy, sampled).tolist()
-
-    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        tokens = self._sample(seqs, logits)
+    def _sample_and_emit(self, rows: list[Seq], logits: torch.Tensor) -> None:
+        drawn = self.sampler.draw(rows, logits, self._token_text)
         now = time.monotonic()
-        for s, tok in zip(seqs, tokens, strict=True):
-            if not s.out:
-                s.handle.timings["ttft"] = now - s.arrival
-                self._emit("observe_ttft", now - s.arrival)
-            else:
-                self._emit("observe_inter_token", now - s.last_token_time)
-            s.last_token_time = now
-            s.out.append(tok)
-            s.pos += 1
-            self._postprocess(s, tok)
-        done = [i for i, s in enumerate(self._rows) if s.finish is not None]
-        if done:
-            self._select_rows([i for i, s in enumerate(self._rows) if s.finish is None])
+        for seq, result in zip(rows, drawn, strict=True):
+            if isinstance(result, BaseException):
+                self._fail(seq, result)
+                continue
+            tok, lp = result
+            if not seq.out and seq.index == 0:
+                seq.group.handle.timings["ttft"] = now - seq.group.arrival
+                self._emit("observe_ttft", now - seq.group.arrival)
+            elif seq.out:
+                self._emit("observe_inter_token", now - seq.last_token_time)
+            seq.last_token_time = now
+            seq.out.append(tok)
+            self._postprocess(seq, tok, lp)
 
-    def _postprocess(self, s: _Seq, tok: int) -> None:
-        hit_eos = tok in self.eos_ids
-        text = self.tokenizer.decode(s.out[:-1] if hit_eos else s.out, skip_special_tokens=True)
-        reason = "stop" if hit_eos else None
-        cut = len(text)
-        for stop in s.params.stop:
-            i = text.find(stop, max(0, s.sent - len(stop)))
-            if i != -1 and i < cut:
-                cut, reason = i, "stop"
-        if reason is None and len(s.out) >= s.params.max_new_tokens:
-            reason = "length"
-        if reason is None:
-            # hold back a partial UTF-8 character and any tail that could begin a stop string
-            safe = len(text) - (1 if text.endswith("\ufffd") else 0)
-            for stop in s.params.stop:
-                for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:k]):
-                        safe = min(safe, len(text) - k)
-                        break
-            if safe > s.sent:
-                s.handle._push(EngineEvent(text[s.sent : safe]))
-                s.sent = safe
-            return
-        self._finish(s, reason, final_text=text[:cut])
+    def _postprocess(self, seq: Seq, tok: int, lp: Any) -> None:
+        p = seq.params
+        hit_eos = tok in self.eos_ids and not p.ignore_eos
+        if lp is not None and not hit_eos:
+            seq.pending_logprobs.append(lp)
+        check_stop = len(seq.out) >= p.min_tokens
+        if hit_eos:
+            text, stopped = seq.detok.flush(check_stop=check_stop)
+            return self._finish(seq, "stop", text)
+        text, stopped = seq.detok.add(tok, check_stop=check_stop)
+        if stopped:
+            return self._finish(seq, "stop", text)
+        if len(seq.out) >= p.max_new_tokens:
+            rest, stopped = seq.detok.flush(check_stop=check_stop)
+            return self._finish(seq, "stop" if stopped else "length", text + rest)
+        if text:
+            seq.group.handle._push(EngineEvent(text, index=seq.index, logprobs=tuple(seq.pending_logprobs)))
+            seq.pending_logprobs.clear()
 
-    def _finish(self, s: _Seq, reason: str, final_text: str | None = None, error: str | None = None) -> None:
-        if s.finish is not None:
+    def _token_text(self, ids: list[int]) -> list[str]:
+        """Text of single tokens (for log-probs), cached per id (at most the vocabulary)."""
+        cache = self._texts
+        for i in ids:
+            if i not in cache:
+                cache[i] = self.tokenizer.decode([i])
+        return [cache[i] for i in ids]
+
+    def _fail(self, seq: Seq, err: BaseException) -> None:
+        """A row's own fault: it alone ends with an error (a failed prefill fails its siblings too)."""
+        log.error("request %s sample %d failed: %r", seq.group.handle.id, seq.index, err)
+        targets = seq.group.seqs if seq.index == 0 and not seq.out else [seq]
+        for s in targets:
+            self._finish(s, "error", error=f"{type(err).__name__}: {err}")
+
+    def _finish(self, seq: Seq, reason: str, text: str = "", error: str | None = None) -> None:
+        if seq.finish is not None:
             return
-        s.finish = reason
-        delta = final_text[s.sent :] if final_text is not None and len(final_text) > s.sent else ""
+        seq.finish = reason
+        group, handle = seq.group, seq.group.handle
         if error is not None:
-            s.handle.timings["error"] = 1.0
-        s.handle.timings["total"] = time.monotonic() - s.arrival
-        completion = len(s.out) - (1 if s.out and s.out[-1] in self.eos_ids else 0)
+            handle.timings["error"] = 1.0
+        completion = len(seq.out) - (
+            1 if seq.out and seq.out[-1] in self.eos_ids and not seq.params.ignore_eos else 0
+        )
+        with self._cv:
+            self.scheduler.remove(seq)
+        done = group.done
+        if done:
+            handle.timings["total"] = time.monotonic() - group.arrival
         # counted before the caller hears of it: a client that has its response sees its tokens in /metrics
-        self._emit("add_tokens", prompt=len(s.prompt), generated=completion)
-        self._emit("set_queue", running=sum(r.finish is None for r in self._rows), waiting=len(self._waiting))
-        s.handle._push(
+        self._emit("add_tokens", prompt=len(group.prompt) if seq.index == 0 else 0, generated=completion)
+        self._notify_queue()
+        handle._push(
             EngineEvent(
-                delta, finish_reason=reason, prompt_tokens=len(s.prompt), completion_tokens=completion
+                text,
+                finish_reason=reason,
+                prompt_tokens=len(group.prompt),
+                completion_tokens=completion,
+                index=seq.index,
+                logprobs=tuple(seq.pending_logprobs),
+                error=error,
             )
         )
-        if s.slot and self.hooks is not None:
-            self.hooks.release(s.slot)
-            s.slot = 0
+        seq.pending_logprobs.clear()
+        if done and group.slot and self.hooks is not None:
+            self.hooks.release(group.slot)
+            group.slot = 0
