@@ -36,7 +36,8 @@ from peers import peer_steering_vectors  # noqa: E402
 from basemodel import load_model  # noqa: E402
 from steering_vectors import Artifact  # noqa: E402
 from training.common import peak_rss_mb, set_seed, write_artifact  # noqa: E402
-from training.data import demo_path, load_preferences  # noqa: E402
+from training.demo import demo_path  # noqa: E402
+from training.loaders import load_preferences  # noqa: E402
 from training.rahf import default_target_layers  # noqa: E402
 
 SUBSAMPLE = 0.8

@@ -45,7 +45,8 @@ from training.common import (  # noqa: E402
     run_loop,
     set_seed,
 )
-from training.data import demo_path, load_instructions  # noqa: E402
+from training.demo import demo_path  # noqa: E402
+from training.loaders import load_instructions  # noqa: E402
 from training.red import RedModel, _encode_all, eval_loss  # noqa: E402
 
 LR = {"red": 2e-2, "lora": 1e-3}

@@ -334,7 +334,8 @@ def _artifact_meta(
 def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
     """Run the three RAHF steps and write ``add.safetensors`` and ``lora.safetensors`` (and the log,
     plot and summary) into ``cfg.out_dir``. Returns the summary."""
-    from .data import load_preferences, prompt_key, split_holdout
+    from .loaders import load_preferences, split_holdout
+    from .records import prompt_key
 
     t0 = time.monotonic()
     set_seed(cfg.seed)

@@ -129,7 +129,9 @@ class RedModel(nn.Module):
 
 def load_instruction_data(path: str, format: str = "auto", limit: int | None = None):
     """Instructions from ``path``; preference data is accepted too (its chosen replies are used)."""
-    from .data import DataFormatError, load_instructions, load_preferences, pairs_to_instructions
+    from .formats import DataFormatError
+    from .loaders import load_instructions, load_preferences
+    from .records import pairs_to_instructions
 
     try:
         return load_instructions(path, format=format, limit=limit)
@@ -188,7 +190,8 @@ def eval_loss(module: nn.Module, encoded: list[Encoded], pad_id: int, batch_size
 
 def train_red(cfg: RedConfig) -> dict[str, Any]:
     """Train RED vectors and write the artifact, loss log, plot and summary. Returns the summary."""
-    from .data import prompt_key, split_holdout
+    from .loaders import split_holdout
+    from .records import prompt_key
 
     t0 = time.monotonic()
     set_seed(cfg.seed)
