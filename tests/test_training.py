@@ -1,4 +1,4 @@
-"""Offline training (training/red.py, training/rahf.py, training/common.py) on a tiny random Llama."""
+"""Offline training (training/red.py, training/rahf.py, loop, LoRA, tokenisation) on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from transformers import AutoTokenizer
 from steering_vectors import compile_profile, find_layout, install_steering, load_artifact
 from steering_vectors.profile import VectorRef
 from training.cli import main as train_main
-from training.common import Encoded, LoopSpec, LoraSet, collate, encode, make_accelerator, run_loop
+from training.loop import LoopSpec, run_loop
+from training.lora import LoraSet
 from training.rahf import Runner, default_target_layers, extract_differences
 from training.red import RedModel
+from training.runtime import make_accelerator
+from training.tokens import Encoded, collate, encode
 
 LAYERS, HIDDEN = 4, 64
 

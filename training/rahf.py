@@ -59,26 +59,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from steering_vectors import Artifact, find_layout
+from steering_vectors import Artifact, find_layout, save_artifact
 
-from .common import (
-    Encoded,
-    LoopSpec,
-    LoraSet,
-    RunLog,
-    collate,
-    encode,
-    gather_response,
-    load_base_model,
-    make_accelerator,
-    peak_rss_mb,
-    response_nll,
-    response_states,
-    run_loop,
-    run_to_layers,
-    set_seed,
-    write_artifact,
-)
+from .artifacts import artifact_metadata
+from .forward import gather_response, response_nll, response_states, run_to_layers
+from .loop import LoopSpec, mean_loss, run_loop
+from .lora import LoraSet
+from .runlog import RunLog
+from .runtime import load_base_model, make_accelerator, peak_rss_mb, set_seed
+from .tokens import Encoded, collate, encode, pad_token_id
 
 __all__ = [
     "BAD_INSTRUCTION",
@@ -306,29 +295,8 @@ class Distiller(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _mean_loss(module: nn.Module, batches: list[dict[str, torch.Tensor]], device) -> float:
-    total, count = 0.0, 0
-    for batch in batches:
-        s, n = module(**{k: v.to(device) for k, v in batch.items()})
-        total += float(s)
-        count += int(n)
-    return total / max(count, 1)
-
-
 def _chunks(seq: Sequence[Any], n: int) -> list[Sequence[Any]]:
     return [seq[i : i + n] for i in range(0, len(seq), n)]
-
-
-def _artifact_meta(
-    training: dict[str, Any], metrics: dict[str, Any], base_model: str, description: str
-) -> dict[str, str]:
-    return {
-        "training": json.dumps(training, sort_keys=True),
-        "metrics": json.dumps(metrics, sort_keys=True),
-        "base_model": base_model,
-        "description": description,
-    }
 
 
 def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
@@ -361,7 +329,7 @@ def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
     if not targets or targets[0] < 0 or targets[-1] >= L:
         raise ValueError(f"target layers {targets} out of range for a {L}-layer model")
     add_scale = cfg.add_scale if cfg.add_scale is not None else cfg.alpha / len(targets)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = pad_token_id(tok)
     ml = cfg.max_length
 
     def enc(p, which: str, system: str | None = None) -> Encoded:
@@ -407,7 +375,7 @@ def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
             weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
             seed=seed,
-            eval_fn=(lambda: {"eval_loss": _mean_loss(module, eval_batches, dev)}) if eval_batches else None,
+            eval_fn=(lambda: {"eval_loss": mean_loss(module, eval_batches, dev)}) if eval_batches else None,
             checkpoint_dir=ckpt_dir,
             checkpoint_every=cfg.checkpoint_every,
             log=run_log,
@@ -551,7 +519,7 @@ def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed + 2,
-        eval_fn=(lambda: {"eval_loss": _mean_loss(distiller, eval_batches, dev)}) if eval_batches else None,
+        eval_fn=(lambda: {"eval_loss": mean_loss(distiller, eval_batches, dev)}) if eval_batches else None,
         checkpoint_dir=ckpt_dir,
         checkpoint_every=cfg.checkpoint_every,
         log=run_log,
@@ -611,11 +579,11 @@ def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
             num_layers=L,
             model_type=layout.model_type,
             method=method,
-            extra=_artifact_meta(
+            extra=artifact_metadata(
                 training,
                 add_metrics,
-                lm.model_id,
-                f"RAHF-{cfg.variant.upper()} preference direction: mean hidden-state difference "
+                base_model=lm.model_id,
+                description=f"RAHF-{cfg.variant.upper()} preference direction: mean hidden-state difference "
                 f"x {add_scale:g} at layers {targets}",
             ),
         )
@@ -627,21 +595,19 @@ def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
             model_type=layout.model_type,
             method=method,
             lora_alpha=cfg.lora_alpha,
-            extra=_artifact_meta(
+            extra=artifact_metadata(
                 training,
                 lora_metrics,
-                lm.model_id,
-                f"RAHF-{cfg.variant.upper()} LoRA (r={cfg.lora_rank}, alpha={cfg.lora_alpha:g}) "
+                base_model=lm.model_id,
+                description=f"RAHF-{cfg.variant.upper()} LoRA (r={cfg.lora_rank}, alpha={cfg.lora_alpha:g}) "
                 f"on {'/'.join(cfg.lora_modules)} of blocks 0..{max_t}",
             ),
         )
-        write_artifact(add, out_dir / "add.safetensors")
-        write_artifact(lo, out_dir / "lora.safetensors")
         summary.update(
             add=str(out_dir / "add.safetensors"),
-            add_sha256=add.sha256,
+            add_sha256=save_artifact(add, out_dir / "add.safetensors"),
             lora=str(out_dir / "lora.safetensors"),
-            lora_sha256=lo.sha256,
+            lora_sha256=save_artifact(lo, out_dir / "lora.safetensors"),
             log=str(run_log.path),
             plot=str(run_log.plot(out_dir / "loss.png", title=f"RAHF-{cfg.variant.upper()}")),
         )

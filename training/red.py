@@ -27,22 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from steering_vectors import Artifact, find_layout
+from steering_vectors import Artifact, find_layout, save_artifact
 
-from .common import (
-    Encoded,
-    LoopSpec,
-    RunLog,
-    collate,
-    encode,
-    load_base_model,
-    make_accelerator,
-    peak_rss_mb,
-    response_nll,
-    run_loop,
-    set_seed,
-    write_artifact,
-)
+from .artifacts import artifact_metadata
+from .forward import response_nll
+from .loop import LoopSpec, eval_loss, run_loop
+from .runlog import RunLog
+from .runtime import load_base_model, make_accelerator, peak_rss_mb, set_seed
+from .tokens import collate, encode_all, pad_token_id
 
 __all__ = ["RedConfig", "RedEditor", "RedModel", "load_instruction_data", "red_artifact", "train_red"]
 
@@ -157,10 +149,8 @@ def red_artifact(
     for layer in range(layout.num_layers):
         tensors[f"layers.{layer}.scale"] = editor.scale[layer].detach().float().cpu().clone()
         tensors[f"layers.{layer}.bias"] = editor.bias[layer].detach().float().cpu().clone()
-    extra = {"training": json.dumps(training, sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True)}
-    if base_model:
-        extra["base_model"] = base_model
-    extra["description"] = description or "RED scale/bias edits of the FFN outputs (Wu et al., 2024)"
+    description = description or "RED scale/bias edits of the FFN outputs (Wu et al., 2024)"
+    extra = artifact_metadata(training, metrics, base_model=base_model, description=description)
     return Artifact(
         kind="red",
         tensors=tensors,
@@ -170,22 +160,6 @@ def red_artifact(
         method="red",
         extra=extra,
     )
-
-
-def _encode_all(tokenizer, items, max_length: int) -> list[Encoded]:
-    return [encode(tokenizer, it.prompt, it.response, max_length=max_length) for it in items]
-
-
-@torch.no_grad()
-def eval_loss(module: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int, device) -> float:
-    """Token-weighted mean response NLL of ``module`` over ``encoded``."""
-    total, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        batch = collate(encoded[i : i + batch_size], pad_id)
-        s, n = module(**{k: v.to(device) for k, v in batch.items()})
-        total += float(s)
-        count += int(n)
-    return total / max(count, 1)
 
 
 def train_red(cfg: RedConfig) -> dict[str, Any]:
@@ -208,9 +182,9 @@ def train_red(cfg: RedConfig) -> dict[str, Any]:
         eval_items = eval_items[: cfg.eval_limit] if cfg.eval_limit else eval_items
     lm = load_base_model(cfg.model, accelerator, cfg.dtype)
     tok = lm.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    train_enc = _encode_all(tok, items, cfg.max_length)
-    eval_enc = _encode_all(tok, eval_items, cfg.max_length) if eval_items else []
+    pad_id = pad_token_id(tok)
+    train_enc = encode_all(tok, items, cfg.max_length)
+    eval_enc = encode_all(tok, eval_items, cfg.max_length) if eval_items else []
 
     red = RedModel(lm.model)
     n_trainable = sum(p.numel() for p in red.parameters() if p.requires_grad)
@@ -287,8 +261,7 @@ def train_red(cfg: RedConfig) -> dict[str, Any]:
             description=cfg.description,
         )
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_artifact(art, out)
-        summary["sha256"] = art.sha256
+        summary["sha256"] = save_artifact(art, out)
         png = run_log.plot(f"{stem}.png", title="RED")
         summary["plot"], summary["log"] = str(png), str(run_log.path)
         Path(f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
