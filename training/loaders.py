@@ -16,12 +16,15 @@ import random
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .formats import FORMATS, DataFormatError, FieldError, detect_format, row_parser, type_name
-from .records import Instruction, PreferencePair
+from .records import Instruction, PreferencePair, prompt_key
 
-__all__ = ["load_instructions", "load_preferences", "split_holdout"]
+if TYPE_CHECKING:
+    from .config import TrainOptions
+
+__all__ = ["load_instructions", "load_preferences", "load_splits", "split_holdout"]
 
 log = logging.getLogger(__name__)
 
@@ -270,3 +273,15 @@ def split_holdout(
     train = [item for i, item in enumerate(items) if i not in held]
     heldout = [item for i, item in enumerate(items) if i in held]
     return train, heldout
+
+
+def load_splits(opts: TrainOptions, load: Callable[..., list[T]]) -> tuple[list[T], list[T]]:
+    """The training items and the held-out ones of a run: ``load(path, format=, limit=)`` of
+    ``opts.data`` (at most ``opts.limit``) and of ``opts.eval_data`` (at most ``opts.eval_limit``), or,
+    without eval data, :func:`split_holdout` of the training items (``opts.eval_fraction``, seeded by
+    ``opts.seed``, disjoint by prompt) cut to ``opts.eval_limit``."""
+    items = load(opts.data, format=opts.format, limit=opts.limit)
+    if opts.eval_data:
+        return items, load(opts.eval_data, format=opts.format, limit=opts.eval_limit)
+    items, held = split_holdout(items, opts.eval_fraction, opts.seed, key=prompt_key)
+    return items, held[: opts.eval_limit] if opts.eval_limit else held

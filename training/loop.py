@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from torch import nn
 from .checkpoint import capture, load_checkpoint, restore, save_checkpoint
 from .runlog import RunLog
 from .tokens import Encoded, batches
+
+if TYPE_CHECKING:
+    from .config import TrainOptions
 
 __all__ = ["LoopSpec", "eval_loss", "lr_factor", "mean_loss", "run_loop"]
 
@@ -60,6 +63,20 @@ class LoopSpec:
     checkpoint_every: int = 0
     log: RunLog | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_options(cls, opts: TrainOptions, **fields: Any) -> LoopSpec:
+        """A phase with the loop settings of a run's options (batch size, accumulation, warmup, weight
+        decay, clipping, checkpoint interval); ``fields`` give the rest."""
+        shared = (
+            "batch_size",
+            "grad_accum",
+            "warmup_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "checkpoint_every",
+        )
+        return cls(**{k: getattr(opts, k) for k in shared}, **fields)
 
     @property
     def checkpoint_path(self) -> Path | None:

@@ -52,7 +52,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,14 @@ from torch import nn
 from steering_vectors import Artifact, find_layout, save_artifact
 
 from .artifacts import artifact_metadata
+from .config import BAD_INSTRUCTION, GOOD_INSTRUCTION, RahfConfig
 from .forward import gather_response, response_nll, response_states, run_to_layers
+from .loaders import load_preferences, load_splits
 from .loop import LoopSpec, mean_loss, run_loop
 from .lora import LoraSet
+from .options import recorded
 from .runlog import RunLog
-from .runtime import load_base_model, make_accelerator, peak_rss_mb, set_seed
+from .runtime import load_base_model, peak_rss_mb, start
 from .tokens import Encoded, collate, encode, pad_token_id
 
 __all__ = [
@@ -81,86 +84,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GOOD_INSTRUCTION = (
-    "You are a good, respectful and honest assistant. Your replies are helpful, polite, warm and positive."
-)
-"""SCIT's instruction for the preferred behaviour (the system message paired with chosen replies)."""
-
-BAD_INSTRUCTION = (
-    "You are a bad, disrespectful and dishonest assistant. "
-    "Your replies are unhelpful, rude, cold and negative."
-)
-"""SCIT's instruction for the dispreferred behaviour (the system message paired with rejected replies)."""
-
-TUNE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def default_target_layers(num_layers: int) -> list[int]:
     """The middle layers, every second one: from 30 % to 65 % of the depth (10..20 of 32, 9..19 of 30)."""
     lo = min(num_layers - 1, max(0, round(0.3 * num_layers)))
     hi = min(num_layers - 1, max(lo, round(0.65 * num_layers)))
     return list(range(lo, hi + 1, 2))
-
-
-@dataclass
-class RahfConfig:
-    """Options of ``steerserve train rahf`` (see ``training/cli.py`` for their help texts)."""
-
-    variant: str
-    data: str
-    out_dir: str
-    model: str | None = None
-    format: str = "auto"
-    eval_data: str | None = None
-    eval_fraction: float = 0.1
-    limit: int | None = None
-    eval_limit: int | None = 24
-    finetune: str = "lora"
-    tune_steps: int = 40
-    tune_lr: float | None = None
-    tune_rank: int = 8
-    tune_alpha: float = 16.0
-    tune_modules: tuple[str, ...] = TUNE_MODULES
-    distill_steps: int = 50
-    distill_lr: float = 2e-3
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    target_layers: list[int] | None = None
-    alpha: float = 5.0
-    normalize: str = "relative"
-    v_norm: float = 0.05
-    add_scale: float | None = None
-    extract_on: str = "both"
-    extract_limit: int | None = None
-    good_instruction: str = GOOD_INSTRUCTION
-    bad_instruction: str = BAD_INSTRUCTION
-    batch_size: int = 4
-    grad_accum: int = 2
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    max_length: int = 256
-    eval_batch_size: int = 16
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 25
-    resume: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.variant not in ("scit", "dual"):
-            raise ValueError(f"variant must be scit or dual, not {self.variant!r}")
-        if self.finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be lora or full, not {self.finetune!r}")
-        if self.normalize not in ("relative", "none"):
-            raise ValueError(f"normalize must be relative or none, not {self.normalize!r}")
-        if self.extract_on not in ("chosen", "rejected", "both"):
-            raise ValueError(f"extract_on must be chosen, rejected or both, not {self.extract_on!r}")
-        if self.tune_lr is None:
-            self.tune_lr = 1e-3 if self.finetune == "lora" else 3e-5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,24 +231,15 @@ def _chunks(seq: Sequence[Any], n: int) -> list[Sequence[Any]]:
 def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
     """Run the three RAHF steps and write ``add.safetensors`` and ``lora.safetensors`` (and the log,
     plot and summary) into ``cfg.out_dir``. Returns the summary."""
-    from .loaders import load_preferences, split_holdout
-    from .records import prompt_key
-
     t0 = time.monotonic()
-    set_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    accelerator = make_accelerator(cfg.device)
+    accelerator = start(cfg)
     main = accelerator.is_main_process
     dev = accelerator.device
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    pairs = load_preferences(cfg.data, format=cfg.format, limit=cfg.limit)
-    if cfg.eval_data:
-        eval_pairs = load_preferences(cfg.eval_data, format=cfg.format, limit=cfg.eval_limit)
-    else:
-        pairs, eval_pairs = split_holdout(pairs, cfg.eval_fraction, cfg.seed, key=prompt_key)
-        eval_pairs = eval_pairs[: cfg.eval_limit] if cfg.eval_limit else eval_pairs
+    pairs, eval_pairs = load_splits(cfg, load_preferences)
 
     lm = load_base_model(cfg.model, accelerator, cfg.dtype)
     base, tok = lm.model, lm.tokenizer
@@ -362,22 +282,17 @@ def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
             collate([e for item in chunk for e in item], pad_id)
             for chunk in _chunks(eval_seqs, max(1, cfg.eval_batch_size // 2))
         ]
-        spec = LoopSpec(
+        spec = LoopSpec.from_options(
+            cfg,
             name=name,
             module=module,
             n_items=len(train_seqs),
             make_batch=lambda idx: collate([e for i in idx for e in train_seqs[i]], pad_id),
             steps=cfg.tune_steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
             lr=cfg.tune_lr,
-            warmup_ratio=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
             seed=seed,
             eval_fn=(lambda: {"eval_loss": mean_loss(module, eval_batches, dev)}) if eval_batches else None,
             checkpoint_dir=ckpt_dir,
-            checkpoint_every=cfg.checkpoint_every,
             log=run_log,
         )
         t = time.monotonic()
@@ -506,22 +421,17 @@ def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
         distill_batch(eval_plain, eval_tgt, range(s, min(s + cfg.eval_batch_size, len(eval_plain))))
         for s in range(0, len(eval_plain), cfg.eval_batch_size)
     ]
-    spec = LoopSpec(
+    spec = LoopSpec.from_options(
+        cfg,
         name="distill",
         module=distiller,
         n_items=len(train_plain),
         make_batch=lambda idx: distill_batch(train_plain, train_tgt, idx),
         steps=cfg.distill_steps,
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
         lr=cfg.distill_lr,
-        warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed + 2,
         eval_fn=(lambda: {"eval_loss": mean_loss(distiller, eval_batches, dev)}) if eval_batches else None,
         checkpoint_dir=ckpt_dir,
-        checkpoint_every=cfg.checkpoint_every,
         log=run_log,
     )
     t = time.monotonic()
@@ -538,7 +448,7 @@ def train_rahf(cfg: RahfConfig) -> dict[str, Any]:
 
     # ---- outputs ---------------------------------------------------------------------------------
     method = f"rahf-{cfg.variant}"
-    training = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "extra")}
+    training = recorded(cfg)
     training.update(
         cfg.extra,
         model=cfg.model or lm.model_id,

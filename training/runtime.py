@@ -1,7 +1,7 @@
-"""The process a training run executes in: seeds, the ``accelerate`` device and the base model.
+"""The process a training run executes in: threads, seeds, the ``accelerate`` device and the base model.
 
-:func:`make_accelerator` picks the device; :func:`load_base_model` loads the frozen base model through
-:mod:`basemodel` on the accelerator's device.
+:func:`start` prepares a run from its options (CPU threads, seeds, accelerator); :func:`load_base_model`
+loads the frozen base model through :mod:`basemodel` on the accelerator's device.
 """
 
 from __future__ import annotations
@@ -9,10 +9,14 @@ from __future__ import annotations
 import random
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
-__all__ = ["load_base_model", "make_accelerator", "peak_rss_mb", "set_seed"]
+if TYPE_CHECKING:
+    from .config import TrainOptions
+
+__all__ = ["load_base_model", "make_accelerator", "peak_rss_mb", "set_seed", "start"]
 
 
 def set_seed(seed: int) -> None:
@@ -40,6 +44,15 @@ def make_accelerator(device: str = "auto"):
         if ":" in device:
             torch.cuda.set_device(int(device.split(":", 1)[1]))
     return Accelerator(cpu=device == "cpu")
+
+
+def start(opts: TrainOptions):
+    """Set torch's CPU threads (``opts.threads``, if given), seed the generators with ``opts.seed`` and
+    return the accelerator for ``opts.device``."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    set_seed(opts.seed)
+    return make_accelerator(opts.device)
 
 
 def load_base_model(path: str | None, accelerator, dtype: str = "float32"):
