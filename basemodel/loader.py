@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from steering_vectors.arch import ModelLayout, find_layout
 
 from .provision import DEFAULT_MODEL_NAME, prepare_default_model, settle_special_tokens
 
@@ -97,15 +99,21 @@ class LoadedModel:
         """The compute dtype as a string, e.g. ``"bfloat16"``."""
         return str(self.dtype).removeprefix("torch.")
 
+    @cached_property
+    def layout(self) -> ModelLayout:
+        """The model's shape and steering sites (hidden size, layers, model type, linears): the one
+        description of the model every consumer uses."""
+        return find_layout(self.model)
+
     @property
     def hidden_size(self) -> int:
         """Hidden size d of the model."""
-        return int(self.model.config.hidden_size)
+        return self.layout.hidden_size
 
     @property
     def num_layers(self) -> int:
         """Number of decoder layers L."""
-        return int(self.model.config.num_hidden_layers)
+        return self.layout.num_layers
 
 
 def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:

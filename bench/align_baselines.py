@@ -34,10 +34,11 @@ sys.path.insert(0, str(ROOT))
 from peers import peer_steering_vectors  # noqa: E402
 
 from basemodel import load_model  # noqa: E402
-from steering_vectors import Artifact  # noqa: E402
-from training.common import peak_rss_mb, set_seed, write_artifact  # noqa: E402
-from training.data import demo_path, load_preferences  # noqa: E402
+from steering_vectors import Artifact, save_artifact  # noqa: E402
+from training.demo import demo_path  # noqa: E402
+from training.loaders import load_preferences  # noqa: E402
 from training.rahf import default_target_layers  # noqa: E402
+from training.runtime import peak_rss_mb, set_seed  # noqa: E402
 
 SUBSAMPLE = 0.8
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     res = (mean_diff if args.method == "mean-diff" else dpo)(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sha = write_artifact(res["artifact"], out)
+    sha = save_artifact(res["artifact"], out)
     summary = {
         "artifact": str(out),
         "sha256": sha,

@@ -1,7 +1,7 @@
 """Training cost: RED vs LoRA (peft, rank 8) on the same data, steps, batches and training loop.
 
 Both fine-tune the frozen default model on the sign-off instruction set
-(``training/data/signoff_inst_{train,test}.jsonl``) with the project's loop (``training.common.run_loop``:
+(``training/data/signoff_inst_{train,test}.jsonl``) with the project's loop (``training.loop.run_loop``:
 AdamW, warmup + linear decay, clipping, the same seeded batch order), loss on the response tokens:
 
 * RED: ``training.red.RedModel`` — scale and bias on every FFN output (2·L·d parameters), lr 2e-2 (the
@@ -35,18 +35,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.common import (  # noqa: E402
-    LoopSpec,
-    collate,
-    load_base_model,
-    make_accelerator,
-    peak_rss_mb,
-    response_nll,
-    run_loop,
-    set_seed,
-)
-from training.data import demo_path, load_instructions  # noqa: E402
-from training.red import RedModel, _encode_all, eval_loss  # noqa: E402
+from training.demo import demo_path  # noqa: E402
+from training.forward import response_nll  # noqa: E402
+from training.loaders import load_instructions  # noqa: E402
+from training.loop import LoopSpec, eval_loss, run_loop  # noqa: E402
+from training.red import RedModel  # noqa: E402
+from training.runtime import load_base_model, make_accelerator, peak_rss_mb, set_seed  # noqa: E402
+from training.tokens import collate, encode_all  # noqa: E402
 
 LR = {"red": 2e-2, "lora": 1e-3}
 
@@ -73,8 +68,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     rss_loaded = psutil.Process().memory_info().rss / 2**20
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    train = _encode_all(tok, load_instructions(demo_path("signoff_inst", "train")), 256)
-    test = _encode_all(tok, load_instructions(demo_path("signoff_inst", "test")), 256)
+    train = encode_all(tok, load_instructions(demo_path("signoff_inst", "train")), 256)
+    test = encode_all(tok, load_instructions(demo_path("signoff_inst", "test")), 256)
     module = RedModel(lm.model) if method == "red" else LoraSFT(lm.model)
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     stamps: list[float] = []

@@ -57,7 +57,8 @@ sys.path.insert(0, str(ROOT))
 
 from basemodel import load_model  # noqa: E402
 from steering_vectors import install_steering, load_artifact  # noqa: E402
-from training.data import demo_path, load_instructions, load_preferences  # noqa: E402
+from training.demo import demo_path  # noqa: E402
+from training.loaders import load_instructions, load_preferences  # noqa: E402
 
 RUNS = ROOT / "runs" / "align"
 CACHE = ROOT / "bench" / "out" / "align"

@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 from basemodel import load_model  # noqa: E402
 from steering_vectors import compile_profile, install_steering, load_artifact  # noqa: E402
 from steering_vectors.profile import VectorRef  # noqa: E402
-from training.common import IGNORE_INDEX, collate, encode  # noqa: E402
-from training.data import SIGNOFF, demo_path, load_instructions, load_preferences  # noqa: E402
+from training.demo import SIGNOFF, demo_path  # noqa: E402
+from training.loaders import load_instructions, load_preferences  # noqa: E402
+from training.tokens import IGNORE_INDEX, collate, encode  # noqa: E402
 
 
 class Steered:

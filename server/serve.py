@@ -10,7 +10,11 @@ from types import FrameType
 
 import uvicorn
 
-from .app import ServerConfig, ServerState, create_app
+from basemodel import LoadedModel
+
+from .app import create_app
+from .config import ServerConfig
+from .state import ServerState
 
 __all__ = ["DrainingServer", "serve"]
 
@@ -46,15 +50,20 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(config: ServerConfig, *, log_level: str = "info") -> None:
-    """Serve ``config`` until a signal drains and stops it."""
+def serve(config: ServerConfig, loaded: LoadedModel | None = None) -> None:
+    """Serve ``config`` until a signal drains and stops it.
+
+    ``loaded``: an already loaded model, served at once (the engine starts in this thread); without it
+    the model of ``config`` loads at startup while ``/health`` answers and ``/ready`` says 503.
+    """
     state = ServerState(config)
-    app = create_app(state)
+    if loaded is not None:
+        state.load(loaded)
     uv = uvicorn.Config(
-        app,
+        create_app(state),
         host=config.host,
         port=config.port,
-        log_level=log_level.lower(),
+        log_level=config.log_level.lower(),
         timeout_graceful_shutdown=int(config.drain_timeout) + 5,
         access_log=False,
     )

@@ -18,13 +18,9 @@ def _env(option: str, default: Any = None) -> Any:
     return os.environ.get("STEERSERVE_" + option.upper().replace("-", "_"), default)
 
 
-def _default_vector_dir() -> Path:
-    from platformdirs import user_data_dir
-
-    return Path(user_data_dir("steerserve")) / "vectors"
-
-
 def _add_serve(sub: Any) -> None:
+    from server.config import add_serve_options
+
     p = sub.add_parser(
         "serve",
         help="serve the HTTP API",
@@ -34,59 +30,14 @@ def _add_serve(sub: Any) -> None:
             "STEERSERVE_ADMIN_KEY."
         ),
     )
-    p.add_argument(
-        "--model",
-        default=_env("model"),
-        help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
-    )
-    p.add_argument(
-        "--quantization", default=_env("quantization", "auto"), choices=["auto", "none", "int8", "nf4"]
-    )
-    p.add_argument(
-        "--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    p.add_argument("--device", default=_env("device", "auto"))
-    p.add_argument("--host", default=_env("host", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env("port", 8000)))
-    p.add_argument("--vector-dir", type=Path, default=Path(_env("vector_dir", _default_vector_dir())))
-    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", 8)))
-    p.add_argument("--max-queue", type=int, default=int(_env("max_queue", 64)))
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=int(_env("max_new_tokens", 1024)),
-        help="cap on max_new_tokens / max_tokens per request",
-    )
-    p.add_argument("--max-upload-bytes", type=int, default=int(_env("max_upload_bytes", 64 * 1024 * 1024)))
-    p.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 30.0)))
-    p.add_argument("--fold", default=_env("fold"), help="fold this saved profile into the weights")
-    p.add_argument("--log-prompts", action="store_true", default=_env("log_prompts") in ("1", "true"))
-    p.add_argument("--log-level", default=_env("log_level", "info"))
+    add_serve_options(p)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import ServerConfig
+    from server.config import config_from_args
     from server.serve import serve
 
-    cfg = ServerConfig(
-        model=args.model,
-        quantization=args.quantization,
-        dtype=args.dtype,
-        device=args.device,
-        host=args.host,
-        port=args.port,
-        vector_dir=args.vector_dir,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        max_new_tokens=args.max_new_tokens,
-        max_upload_bytes=args.max_upload_bytes,
-        api_key=os.environ.get("STEERSERVE_API_KEY") or None,
-        admin_key=os.environ.get("STEERSERVE_ADMIN_KEY") or None,
-        drain_timeout=args.drain_timeout,
-        fold=args.fold,
-        log_prompts=args.log_prompts,
-    )
-    serve(cfg, log_level=args.log_level)
+    serve(config_from_args(args))
     return 0
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import tiny_llama
+from helpers import smollm2_tokenizer, tiny_loaded
 
 
 @pytest.fixture(scope="session")
@@ -18,26 +17,10 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return smollm2_tokenizer()
 
 
-@pytest.fixture
-def tiny_loaded(tokenizer):
+@pytest.fixture(name="tiny_loaded")
+def tiny_loaded_fixture(tokenizer):
     """A LoadedModel around a tiny random Llama with SmolLM2's tokenizer."""
-    from basemodel import LoadedModel
-
-    return LoadedModel(
-        model=tiny_llama(),
-        tokenizer=tokenizer,
-        model_id="tiny-llama",
-        path=Path("."),
-        quantization="none",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
+    return tiny_loaded(tokenizer)

@@ -9,8 +9,6 @@ import io
 import json
 import pickle
 import re
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,31 +19,31 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from basemodel import LoadedModel
-from server.app import ServerConfig, ServerState, create_app
+from server.app import create_app
+from server.config import ServerConfig
 from server.engine import SamplingParams
+from server.state import ServerState
 from steering_vectors import Artifact
-from tests.helpers import add_artifact, lora_artifact, metric, red_artifact, tiny_llama
+from tests.helpers import (
+    TINY_MODEL_ID,
+    PickleCanary,
+    add_artifact,
+    lora_artifact,
+    metric,
+    red_artifact,
+    tiny_llama,
+    tiny_loaded,
+    uvicorn_thread,
+    wait_for,
+)
 
-MODEL_ID = "tiny-llama"
+MODEL_ID = TINY_MODEL_ID
 ADMIN = {"Authorization": "Bearer admin-secret"}
 USER = {"Authorization": "Bearer user-secret"}
 WRONG = {"Authorization": "Bearer not-the-key"}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-def loaded_model(tokenizer: Any, seed: int = 0) -> LoadedModel:
-    return LoadedModel(
-        model=tiny_llama(seed),
-        tokenizer=tokenizer,
-        model_id=MODEL_ID,
-        path=Path("."),
-        quantization="none",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
-
-
 def check_error(resp: httpx.Response, status: int) -> dict[str, Any]:
     """Assert ``status`` and the SPEC §6 error body ``{"error": {"message", "type", "code"}}``."""
     assert resp.status_code == status, resp.text
@@ -105,14 +103,6 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
     return out
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def make_server(tmp_path: Path, tokenizer: Any) -> Iterator[Callable[..., tuple[ServerState, TestClient]]]:
     """``make(load=True, **config)`` -> (state, client); loaded ones run their lifespan (engine stops)."""
@@ -124,7 +114,7 @@ def make_server(tmp_path: Path, tokenizer: Any) -> Iterator[Callable[..., tuple[
         state = ServerState(ServerConfig(quantization="none", **overrides))
         client = TestClient(create_app(state))
         if load:
-            state.load(loaded_model(tokenizer, seed))
+            state.load(tiny_loaded(tokenizer, seed))
             client.__enter__()
             opened.append(client)
         return state, client
@@ -479,30 +469,20 @@ def test_draining_refuses_new_requests_and_finishes_old_ones(server, tokenizer):
 
 
 # ---- uploads: pickles are rejected and never executed ---------------------------------------------------
-class _Canary:
-    """Unpickling this creates ``path``: proof that a pickle was executed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
-
-
 def test_pickle_and_torch_save_uploads_are_rejected_and_never_executed(server, tmp_path):
     state, client = server
     # the canary works: unpickling it does create its file
     probe = tmp_path / "probe"
-    pickle.loads(pickle.dumps(_Canary(probe))).close()
+    pickle.loads(pickle.dumps(PickleCanary(probe)))
     assert probe.exists()
 
     canary = tmp_path / "canary"
     buf = io.BytesIO()
-    torch.save({"layers.0.direction": torch.zeros(64), "x": _Canary(canary)}, buf)
+    torch.save({"layers.0.direction": torch.zeros(64), "x": PickleCanary(canary)}, buf)
     uploads = [
-        ("pkl", pickle.dumps(_Canary(canary), protocol=5), "evil.safetensors", "pickle"),
-        ("pkl2", pickle.dumps(_Canary(canary), protocol=2), "evil.pt", "pickle"),
-        ("pkl0", pickle.dumps(_Canary(canary), protocol=0), "evil.pkl", ""),
+        ("pkl", pickle.dumps(PickleCanary(canary), protocol=5), "evil.safetensors", "pickle"),
+        ("pkl2", pickle.dumps(PickleCanary(canary), protocol=2), "evil.pt", "pickle"),
+        ("pkl0", pickle.dumps(PickleCanary(canary), protocol=0), "evil.pkl", ""),
         ("zip", buf.getvalue(), "evil.pt", "zip"),
     ]
     for name, data, filename, needle in uploads:
@@ -522,7 +502,7 @@ def test_vectors_and_profiles_persist_across_restart(tmp_path, tokenizer):
     model = tiny_llama()
     first, second, red = strong_add(model, seed=2), strong_add(model, seed=7), red_artifact(model)
     state = ServerState(ServerConfig(**cfg))
-    state.load(loaded_model(tokenizer))
+    state.load(tiny_loaded(tokenizer))
     with TestClient(create_app(state)) as client:
         assert upload(client, "vec", first, description="first").status_code == 201
         assert upload(client, "vec", second).status_code == 201
@@ -535,7 +515,7 @@ def test_vectors_and_profiles_persist_across_restart(tmp_path, tokenizer):
         pinned = generate(client, steering={"vectors": [{"name": f"vec@{first.sha256[:8]}"}]})
 
     state2 = ServerState(ServerConfig(**cfg))  # a new process: new model object, same vector_dir
-    state2.load(loaded_model(tokenizer))
+    state2.load(tiny_loaded(tokenizer))
     with TestClient(create_app(state2)) as client:
         assert client.get("/v1/vectors").json()["data"] == vectors
         assert [(v["name"], v["sha256"]) for v in vectors] == [("red", red.sha256), ("vec", second.sha256)]
@@ -774,23 +754,10 @@ def test_metrics_after_requests(server):
 # ---- real socket: a client that disconnects frees its row -------------------------------------------------
 @pytest.fixture
 def live_server(tmp_path, tokenizer) -> Iterator[tuple[ServerState, str]]:
-    import uvicorn
-
     state = ServerState(ServerConfig(vector_dir=tmp_path / "vectors", quantization="none", drain_timeout=5.0))
-    state.load(loaded_model(tokenizer))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", access_log=False))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: uv.started, what="uvicorn to start")
-        yield state, f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    state.load(tiny_loaded(tokenizer))
+    with uvicorn_thread(create_app(state)) as url:
+        yield state, url
 
 
 def running_gauge(http: httpx.Client) -> float | None:

@@ -2,7 +2,9 @@
 every operation fuzzed in-process over ASGI, positive and (where there is a body) negative cases.
 
 Checks: no 5xx for any input (``not_a_server_error``), and every response whose status the schema documents
-matches the documented body (``response_schema_conformance``). Generation stays cheap: a hook caps the
+matches the documented body (``response_schema_conformance``): success bodies, the error body of every error
+status, and each event of a stream (``test_every_operation_documents_its_bodies`` keeps the schema complete
+enough for that check to mean something). Generation stays cheap: a hook caps the
 token budget of every generated body at a few tokens (the cap itself is covered by tests/test_limits.py).
 Other hooks offer, next to each generated body, a variant nudged past the cheapest rejections and steering
 entries or path names that exist, so the fuzzer reaches compilation, the hooks and generation instead of
@@ -17,11 +19,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import torch
-from helpers import add_artifact, lora_artifact, red_artifact, tiny_llama
+from helpers import add_artifact, lora_artifact, red_artifact, tiny_loaded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,8 +35,9 @@ except ImportError:  # pragma: no cover - the dev extra installs it
         raise
     pytest.skip("schemathesis is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
-from basemodel import LoadedModel
-from server.app import ServerConfig, ServerState, create_app
+from server.app import create_app
+from server.config import ServerConfig
+from server.state import ServerState
 from steering_vectors import Profile
 
 STATUSES: dict[str, Counter] = {}
@@ -57,16 +58,8 @@ CONFIG = schemathesis.Config.from_dict(
 def fuzz_schema(tokenizer, tmp_path):
     """A fresh tiny-model server per operation: schemathesis ends the app's lifespan (which stops the
     engine) when each test finishes, and a fresh store keeps every operation's run independent."""
-    model = tiny_llama()
-    loaded = LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        model_id="tiny-llama",
-        path=Path("."),
-        quantization="none",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
+    loaded = tiny_loaded(tokenizer)
+    model = loaded.model
     state = ServerState(ServerConfig(vector_dir=tmp_path / "vectors", max_queue=64))
     state.load(loaded)
     store = state.store
@@ -193,6 +186,28 @@ def test_no_server_errors_and_documented_responses(fuzz_schema, label, mode):
         STATUSES.setdefault(label, Counter())[(mode, response.status_code)] += 1
 
     run()
+
+
+def test_every_operation_documents_its_bodies():
+    """What the conformance check compares against: a schema for every success body, the SPEC error body
+    for every error status, and the event stream of every generation route."""
+    spec = create_app(ServerState(ServerConfig())).openapi()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # 422 is the SPEC error body too
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            label, responses = f"{method.upper()} {path}", op["responses"]
+            assert any(status.startswith("2") for status in responses), label
+            for status, response in responses.items():
+                content = response.get("content") or {}
+                assert content and all(m.get("schema") for m in content.values()), f"{label} {status}"
+                if status[0] in "45":
+                    assert content == {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                    }
+            if path not in ("/health", "/ready", "/metrics"):  # no key needed there
+                assert {"401", "503"} <= set(responses), label
+            if path in GENERATION_ROUTES:
+                assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}, label
 
 
 def test_fuzzing_reached_generation():

@@ -9,12 +9,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import pytest
 import torch
 
 from steering_vectors import Artifact
-from tests.helpers import metric
+from tests.helpers import free_port, metric, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +47,6 @@ def direction(seed: int, norm: float = 4.0, layers: range | list[int] = range(LA
         model_type="llama",
         method="mean-diff",
     )
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Live:
@@ -89,17 +79,11 @@ def _steerserve() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[Live]:
     """`steerserve serve` on the default model (unquantized, float32) in a fresh vector directory."""
     tmp = tmp_path_factory.mktemp("live")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEERSERVE_")}
     env["PYTHONUNBUFFERED"] = "1"
     # On a shared CPU, OpenMP's spin-waiting barriers with two intra-op threads made decoding 3-5x slower

@@ -15,7 +15,8 @@ import torch
 from helpers import add_artifact, lora_artifact, red_artifact, tiny_llama
 
 import server.store as store_mod
-from server.store import ArtifactTooLargeError, UnknownProfileError, UnknownVectorError, VectorStore
+from server.errors import ArtifactTooLargeError, UnknownProfileError, UnknownVectorError
+from server.store import VectorStore
 from steering_vectors import Artifact, Profile, VectorRef, find_layout, load_artifact
 from steering_vectors.artifact import ArtifactError, IncompatibleArtifactError
 
@@ -28,20 +29,12 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def shapes(model):
-    return find_layout(model).linear_shapes()
+def layout(model):
+    return find_layout(model)
 
 
-def open_store(root: Path, model, shapes, **kw) -> VectorStore:
-    cfg = model.config
-    return VectorStore(
-        root,
-        hidden_size=cfg.hidden_size,
-        num_layers=cfg.num_hidden_layers,
-        model_type=cfg.model_type,
-        linear_shapes=shapes,
-        **kw,
-    )
+def open_store(root: Path, layout, **kw) -> VectorStore:
+    return VectorStore(root, layout, **kw)
 
 
 @pytest.fixture
@@ -50,8 +43,8 @@ def root(tmp_path) -> Path:
 
 
 @pytest.fixture
-def store(root, model, shapes) -> VectorStore:
-    return open_store(root, model, shapes)
+def store(root, layout) -> VectorStore:
+    return open_store(root, layout)
 
 
 def files_under(path: Path) -> set[str]:
@@ -183,8 +176,8 @@ def test_resolved_artifact_unchanged_by_reupload_and_delete(store, model):
     assert all(torch.equal(held.tensors[k], before[k]) for k in before)
 
 
-def test_cache_is_bounded(root, model, shapes):
-    s = open_store(root, model, shapes, cache_bytes=1)
+def test_cache_is_bounded(root, model, layout):
+    s = open_store(root, layout, cache_bytes=1)
     a, b = add_artifact(model, seed=1), add_artifact(model, seed=2)
     s.add("a", a.to_bytes(), filename="a.safetensors")
     s.add("b", b.to_bytes(), filename="b.safetensors")
@@ -196,8 +189,8 @@ def test_cache_is_bounded(root, model, shapes):
 # ---------------------------------------------------------------------------- persistence and crashes
 
 
-def test_persistence_across_restart(root, model, shapes):
-    s1 = open_store(root, model, shapes)
+def test_persistence_across_restart(root, model, layout):
+    s1 = open_store(root, layout)
     v1, v2 = red_artifact(model, seed=1), red_artifact(model, seed=2)
     s1.add("p", v1.to_bytes(), filename="p.safetensors", description="one")
     s1.add("p", v2.to_bytes(), filename="p.safetensors", description="two")
@@ -214,7 +207,7 @@ def test_persistence_across_restart(root, model, shapes):
     s1.put_profile("mix", prof)
     compiled1 = s1.compile(prof)
 
-    s2 = open_store(root, model, shapes)
+    s2 = open_store(root, layout)
     assert [v.to_dict() for v in s2.list()] == [v.to_dict() for v in s1.list()]
     assert s2.get("p").sha256 == v2.sha256
     assert s2.get("p").versions == [v1.sha256, v2.sha256]
@@ -227,8 +220,8 @@ def test_persistence_across_restart(root, model, shapes):
     assert compiled2.resolved == compiled1.resolved
 
 
-def test_leftover_temp_files_are_removed_and_never_listed(root, model, shapes):
-    s1 = open_store(root, model, shapes)
+def test_leftover_temp_files_are_removed_and_never_listed(root, model, layout):
+    s1 = open_store(root, layout)
     art = add_artifact(model)
     art_bytes = art.to_bytes()
     s1.add("kept", art_bytes, filename="k.safetensors")
@@ -249,7 +242,7 @@ def test_leftover_temp_files_are_removed_and_never_listed(root, model, shapes):
     newer_bytes = newer.to_bytes()
     (root / "kept" / f"{newer.sha256}.safetensors").write_bytes(newer_bytes)
 
-    s2 = open_store(root, model, shapes)
+    s2 = open_store(root, layout)
     assert [v.name for v in s2.list()] == ["kept"]
     assert s2.get("kept").sha256 == art.sha256
     assert s2.get("kept").versions == [art.sha256]
@@ -262,30 +255,30 @@ def test_leftover_temp_files_are_removed_and_never_listed(root, model, shapes):
     assert s2.get("orphan").versions == [newer.sha256]
 
 
-def test_corrupt_index_and_profile_are_ignored(root, model, shapes):
-    s1 = open_store(root, model, shapes)
+def test_corrupt_index_and_profile_are_ignored(root, model, layout):
+    s1 = open_store(root, layout)
     s1.add("good", add_artifact(model).to_bytes(), filename="g.safetensors")
     (root / "bad").mkdir()
     (root / "bad" / "index.json").write_text("not json")
     (root / ".profiles" / "broken.json").write_text('{"vectors": "nope"}')
-    s2 = open_store(root, model, shapes)
+    s2 = open_store(root, layout)
     assert [v.name for v in s2.list()] == ["good"]
     assert s2.list_profiles() == {}
 
 
-def test_stored_file_tampered_is_detected(root, model, shapes):
-    s1 = open_store(root, model, shapes)
+def test_stored_file_tampered_is_detected(root, model, layout):
+    s1 = open_store(root, layout)
     a, b = add_artifact(model, seed=1), add_artifact(model, seed=2)
     s1.add("t", a.to_bytes(), filename="t.safetensors")
     (root / "t" / f"{a.sha256}.safetensors").write_bytes(b.to_bytes())
-    s2 = open_store(root, model, shapes)
+    s2 = open_store(root, layout)
     with pytest.raises(ArtifactError, match="corrupt"):
         s2.resolve("t")
 
 
-def test_reopened_with_another_model_rejects_on_resolve(root, model, shapes):
-    open_store(root, model, shapes).add("v", add_artifact(model).to_bytes(), filename="v.safetensors")
-    other = VectorStore(root, hidden_size=32, num_layers=2, model_type="llama", linear_shapes=None)
+def test_reopened_with_another_model_rejects_on_resolve(root, model, layout):
+    open_store(root, layout).add("v", add_artifact(model).to_bytes(), filename="v.safetensors")
+    other = VectorStore(root, find_layout(tiny_llama(hidden=32)))  # another model: hidden size 32
     assert [v.name for v in other.list()] == ["v"]
     with pytest.raises(IncompatibleArtifactError, match="hidden_size"):
         other.resolve("v")
@@ -294,8 +287,8 @@ def test_reopened_with_another_model_rejects_on_resolve(root, model, shapes):
 # ---------------------------------------------------------------------------- validation
 
 
-def test_size_cap_checked_before_parsing(root, model, shapes, monkeypatch):
-    s = open_store(root, model, shapes, max_bytes=1000)
+def test_size_cap_checked_before_parsing(root, model, layout, monkeypatch):
+    s = open_store(root, layout, max_bytes=1000)
 
     def boom(*a, **k):
         raise AssertionError("parse_artifact must not be called for an oversized upload")
@@ -386,9 +379,9 @@ def test_incompatible_rejected(store, root, model):
         "..\\x",
     ],
 )
-def test_bad_names_rejected_and_nothing_written(tmp_path, model, shapes, name):
+def test_bad_names_rejected_and_nothing_written(tmp_path, model, layout, name):
     root = tmp_path / "vectors"
-    s = open_store(root, model, shapes)
+    s = open_store(root, layout)
     before = files_under(tmp_path)
     data = add_artifact(model).to_bytes()
     with pytest.raises(ValueError, match="invalid name"):
@@ -445,7 +438,7 @@ def test_gguf_upload(store, root, model, tmp_path):
     assert info2.method == "gguf-import"
     assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
     # persists like any other vector
-    s2 = VectorStore(root, hidden_size=64, num_layers=2, model_type="llama", linear_shapes=None)
+    s2 = VectorStore(root, find_layout(tiny_llama()))
     assert s2.get("cv").sha256 == info.sha256
 
 

@@ -1,4 +1,4 @@
-"""Offline training (training/red.py, training/rahf.py, training/common.py) on a tiny random Llama."""
+"""Offline training (training/red.py, training/rahf/, loop, LoRA, tokenisation) on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -12,10 +12,16 @@ from transformers import AutoTokenizer
 
 from steering_vectors import compile_profile, find_layout, install_steering, load_artifact
 from steering_vectors.profile import VectorRef
+from training.cli import build_parser
 from training.cli import main as train_main
-from training.common import Encoded, LoopSpec, LoraSet, collate, encode, make_accelerator, run_loop
+from training.config import RahfConfig, RedConfig
+from training.loop import LoopSpec, run_loop
+from training.lora import LoraSet
+from training.options import from_args, recorded
 from training.rahf import Runner, default_target_layers, extract_differences
 from training.red import RedModel
+from training.runtime import make_accelerator
+from training.tokens import Encoded, collate, encode
 
 LAYERS, HIDDEN = 4, 64
 
@@ -75,6 +81,43 @@ def inst_file(tmp_path):
     return _write_jsonl(
         tmp_path / "inst.jsonl", [{"prompt": p, "response": c + "\n\u2014 Steery"} for p, c, _ in PAIRS]
     )
+
+
+# ---- options -------------------------------------------------------------------------------------
+
+
+def test_command_line_is_generated_from_the_configs():
+    parser = build_parser()
+    args = parser.parse_args("red --data d.jsonl --out o.safetensors".split())
+    assert from_args(RedConfig, args) == RedConfig(data="d.jsonl", out="o.safetensors")
+    args = parser.parse_args("rahf --variant dual --data d.jsonl --out-dir o".split())
+    assert from_args(RahfConfig, args) == RahfConfig(variant="dual", data="d.jsonl", out_dir="o")
+    argv = "rahf --variant scit --data d --out-dir o --target-layers 3,1 --lora-modules q_proj,,k_proj"
+    cfg = from_args(RahfConfig, parser.parse_args([*argv.split(), "--max-grad-norm", "0"]))
+    assert cfg.target_layers == [3, 1] and cfg.lora_modules == ("q_proj", "k_proj")
+    assert cfg.max_grad_norm is None  # 0 turns clipping off
+    with pytest.raises(SystemExit):  # choices come from the dataclass too
+        parser.parse_args("rahf --variant other --data d --out-dir o".split())
+
+
+def test_rahf_shorthands_defaults_and_record():
+    cfg = RahfConfig(variant="scit", data="d", out_dir="o", max_steps=7, lr=0.5)
+    assert (cfg.tune_steps, cfg.distill_steps, cfg.tune_lr) == (7, 7, 0.5)
+    cfg = RahfConfig(variant="dual", data="d", out_dir="o", finetune="full", tune_steps=3)
+    assert (cfg.tune_steps, cfg.distill_steps, cfg.tune_lr) == (3, 50, 3e-5)
+    assert (cfg.batch_size, cfg.grad_accum, cfg.eval_limit) == (4, 2, 24)
+    red = RedConfig(data="d", out="o")
+    assert (red.batch_size, red.grad_accum, red.eval_limit, red.max_steps, red.lr) == (8, 1, None, 100, 2e-2)
+    rec = recorded(cfg)
+    assert {"tune_steps", "tune_lr", "variant", "seed", "good_instruction"} <= rec.keys()
+    assert not {"out_dir", "extra", "threads", "max_steps", "lr"} & rec.keys()
+    assert {"max_steps", "lr", "description"} <= recorded(red).keys() and "out" not in recorded(red)
+    with pytest.raises(ValueError, match="variant must be one of scit, dual"):
+        RahfConfig(variant="both", data="d", out_dir="o")
+    with pytest.raises(ValueError, match="dtype"):
+        RedConfig(data="d", out="o", dtype="int8")
+    with pytest.raises(ValueError, match="bad_instruction is empty"):
+        RahfConfig(variant="scit", data="d", out_dir="o", bad_instruction=" ")
 
 
 # ---- tokenisation --------------------------------------------------------------------------------

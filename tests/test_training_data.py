@@ -1,4 +1,5 @@
-"""Tests for training/data.py (loaders, formats, errors, splits) and the shipped demo data."""
+"""Tests for the training data modules (training/records.py, formats.py, loaders.py, demo.py) and the
+shipped demo data."""
 
 from __future__ import annotations
 
@@ -10,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from training import data as td
-from training.data import (
-    DataFormatError,
-    Instruction,
-    PreferencePair,
-    demo_path,
-    detect_format,
-    load_instructions,
-    load_preferences,
-    pairs_to_instructions,
-    prompt_key,
-    split_holdout,
-)
+from training import demo as td
+from training.demo import demo_path
+from training.formats import DataFormatError, detect_format
+from training.loaders import load_instructions, load_preferences, split_holdout
+from training.records import Instruction, PreferencePair, pairs_to_instructions, prompt_key
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
@@ -633,8 +626,11 @@ def test_make_demo_reproduces_committed_files(tmp_path):
 
 def test_make_demo_is_seeded_and_shares_the_signoff(tmp_path):
     make_demo = _load_make_demo()
-    assert make_demo.SIGNOFF == td.SIGNOFF
+    assert make_demo.SIGNOFF is td.SIGNOFF  # imported from training.demo, not a copy
     other = make_demo.write_demo(tmp_path, seed=1)
+    # ... and what it writes ends with it
+    signoff = load_instructions(tmp_path / "signoff_inst_train.jsonl")
+    assert all(item.response.endswith("\n" + td.SIGNOFF) for item in signoff)
     assert [p.name for p in other] == [
         "tone_pref_train.jsonl",
         "tone_pref_test.jsonl",

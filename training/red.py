@@ -20,65 +20,29 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from steering_vectors import Artifact, find_layout
+from steering_vectors import Artifact, find_layout, save_artifact
 
-from .common import (
-    Encoded,
-    LoopSpec,
-    RunLog,
-    collate,
-    encode,
-    load_base_model,
-    make_accelerator,
-    peak_rss_mb,
-    response_nll,
-    run_loop,
-    set_seed,
-    write_artifact,
-)
+from .artifacts import artifact_metadata
+from .config import RedConfig
+from .formats import DataFormatError
+from .forward import response_nll
+from .loaders import load_instructions, load_preferences, load_splits
+from .loop import LoopSpec, eval_loss, run_loop
+from .options import recorded
+from .records import pairs_to_instructions
+from .runlog import RunLog
+from .runtime import load_base_model, peak_rss_mb, start
+from .tokens import collate, encode_all, pad_token_id
 
 __all__ = ["RedConfig", "RedEditor", "RedModel", "load_instruction_data", "red_artifact", "train_red"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RedConfig:
-    """Options of ``steerserve train red`` (see ``training/cli.py`` for their help texts)."""
-
-    data: str
-    out: str
-    model: str | None = None
-    format: str = "auto"
-    eval_data: str | None = None
-    eval_fraction: float = 0.1
-    limit: int | None = None
-    eval_limit: int | None = None
-    max_steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-2
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    max_length: int = 256
-    eval_every: int = 0
-    eval_batch_size: int = 16
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 25
-    resume: str | None = None
-    description: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RedEditor(nn.Module):
@@ -117,6 +81,7 @@ class RedModel(nn.Module):
         return hook
 
     def remove_hooks(self) -> None:
+        """Remove the edit hooks: the model computes exactly what it did before."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -129,8 +94,6 @@ class RedModel(nn.Module):
 
 def load_instruction_data(path: str, format: str = "auto", limit: int | None = None):
     """Instructions from ``path``; preference data is accepted too (its chosen replies are used)."""
-    from .data import DataFormatError, load_instructions, load_preferences, pairs_to_instructions
-
     try:
         return load_instructions(path, format=format, limit=limit)
     except DataFormatError as first:
@@ -151,14 +114,12 @@ def red_artifact(
     base_model: str | None = None,
     description: str | None = None,
 ) -> Artifact:
+    """The ``red`` artifact of ``editor``: ``layers.{l}.scale`` and ``layers.{l}.bias`` for every layer."""
     tensors = {}
     for layer in range(layout.num_layers):
         tensors[f"layers.{layer}.scale"] = editor.scale[layer].detach().float().cpu().clone()
         tensors[f"layers.{layer}.bias"] = editor.bias[layer].detach().float().cpu().clone()
-    extra = {"training": json.dumps(training, sort_keys=True), "metrics": json.dumps(metrics, sort_keys=True)}
-    if base_model:
-        extra["base_model"] = base_model
-    extra["description"] = description or "RED scale/bias edits of the FFN outputs (Wu et al., 2024)"
+    description = description or "RED scale/bias edits of the FFN outputs (Wu et al., 2024)"
     return Artifact(
         kind="red",
         tensors=tensors,
@@ -166,106 +127,85 @@ def red_artifact(
         num_layers=layout.num_layers,
         model_type=layout.model_type,
         method="red",
-        extra=extra,
+        extra=artifact_metadata(training, metrics, base_model=base_model, description=description),
     )
 
 
-def _encode_all(tokenizer, items, max_length: int) -> list[Encoded]:
-    return [encode(tokenizer, it.prompt, it.response, max_length=max_length) for it in items]
-
-
-@torch.no_grad()
-def eval_loss(module: nn.Module, encoded: list[Encoded], pad_id: int, batch_size: int, device) -> float:
-    """Token-weighted mean response NLL of ``module`` over ``encoded``."""
-    total, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        batch = collate(encoded[i : i + batch_size], pad_id)
-        s, n = module(**{k: v.to(device) for k, v in batch.items()})
-        total += float(s)
-        count += int(n)
-    return total / max(count, 1)
-
-
-def train_red(cfg: RedConfig) -> dict[str, Any]:
-    """Train RED vectors and write the artifact, loss log, plot and summary. Returns the summary."""
-    from .data import prompt_key, split_holdout
-
-    t0 = time.monotonic()
-    set_seed(cfg.seed)
-    out = Path(cfg.out)
-    stem = out.with_suffix("") if out.suffix == ".safetensors" else out
-    accelerator = make_accelerator(cfg.device)
-    main = accelerator.is_main_process
-
-    items = load_instruction_data(cfg.data, cfg.format, cfg.limit)
-    if cfg.eval_data:
-        eval_items = load_instruction_data(cfg.eval_data, cfg.format, cfg.eval_limit)
-    else:
-        items, eval_items = split_holdout(items, cfg.eval_fraction, cfg.seed, key=prompt_key)
-        eval_items = eval_items[: cfg.eval_limit] if cfg.eval_limit else eval_items
-    lm = load_base_model(cfg.model, accelerator, cfg.dtype)
-    tok = lm.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    train_enc = _encode_all(tok, items, cfg.max_length)
-    eval_enc = _encode_all(tok, eval_items, cfg.max_length) if eval_items else []
-
-    red = RedModel(lm.model)
-    n_trainable = sum(p.numel() for p in red.parameters() if p.requires_grad)
-    L, d = red.layout.num_layers, red.layout.hidden_size
-    assert n_trainable == 2 * L * d, (n_trainable, L, d)
-    if main:
-        log.info(
-            "RED: %d trainable parameters (2 x %d layers x %d), %d train / %d eval examples",
-            n_trainable,
-            L,
-            d,
-            len(train_enc),
-            len(eval_enc),
-        )
-
-    run_log = RunLog(f"{stem}.log.jsonl", enabled=main, append=bool(cfg.resume))
-    ckpt_dir = Path(cfg.resume or cfg.checkpoint_dir or f"{stem}.ckpt")
-
-    def evaluate() -> dict[str, float]:
-        return {"eval_loss": eval_loss(red, eval_enc, pad_id, cfg.eval_batch_size, accelerator.device)}
-
-    spec = LoopSpec(
-        name="red",
-        module=red,
-        n_items=len(train_enc),
-        make_batch=lambda idx: collate([train_enc[i] for i in idx], pad_id),
-        steps=cfg.max_steps,
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        lr=cfg.lr,
-        warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
-        eval_fn=evaluate if eval_enc else None,
-        eval_every=cfg.eval_every,
-        checkpoint_dir=ckpt_dir,
-        checkpoint_every=cfg.checkpoint_every,
-        log=run_log,
-    )
-    result = run_loop(spec, accelerator, desc="train red", resume=cfg.resume is not None)
-    red.remove_hooks()
-    editor = accelerator.unwrap_model(red).editor
-    hist = result["history"]
+def _metrics(n_params: int, editor: RedEditor, result: dict[str, Any], n_train: int, n_eval: int) -> dict:
+    """What the artifact's ``metrics`` record, but the wall time and memory."""
     metrics: dict[str, Any] = {
-        "trainable_params": n_trainable,
+        "trainable_params": n_params,
         "train_loss_last": result["train_loss"],
-        "train_examples": len(train_enc),
-        "eval_examples": len(eval_enc),
+        "train_examples": n_train,
+        "eval_examples": n_eval,
     }
+    hist = result["history"]
     if hist:
         metrics["eval_loss_before"] = hist[0]["eval_loss"]
         metrics["eval_loss_after"] = hist[-1]["eval_loss"]
     metrics["scale_dev_mean_abs"] = float((editor.scale.detach() - 1).abs().mean())
     metrics["bias_mean_abs"] = float(editor.bias.detach().abs().mean())
+    return metrics
+
+
+def _write(summary: dict[str, Any], art: Artifact, out: Path, stem: Path, run_log: RunLog) -> None:
+    """Write the artifact, the loss plot and the summary (``<stem>.json``); completes ``summary``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary["sha256"] = save_artifact(art, out)
+    png = run_log.plot(f"{stem}.png", title="RED")
+    summary["plot"], summary["log"] = str(png), str(run_log.path)
+    Path(f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def train_red(cfg: RedConfig) -> dict[str, Any]:
+    """Train RED vectors and write the artifact, loss log, plot and summary. Returns the summary."""
+    t0 = time.monotonic()
+    out = Path(cfg.out)
+    stem = out.with_suffix("") if out.suffix == ".safetensors" else out
+    accelerator = start(cfg)
+    main = accelerator.is_main_process
+    items, eval_items = load_splits(cfg, load_instruction_data)
+    lm = load_base_model(cfg.model, accelerator, cfg.dtype)
+    pad_id = pad_token_id(lm.tokenizer)
+    train_enc = encode_all(lm.tokenizer, items, cfg.max_length)
+    eval_enc = encode_all(lm.tokenizer, eval_items, cfg.max_length) if eval_items else []
+
+    red = RedModel(lm.model)
+    n_trainable = sum(p.numel() for p in red.parameters() if p.requires_grad)
+    L, d = red.layout.num_layers, red.layout.hidden_size
+    if n_trainable != 2 * L * d:
+        raise RuntimeError(f"RED trains 2 x {L} x {d} numbers, found {n_trainable} trainable")
+    if main:
+        log.info(
+            "RED: %d trainable parameters (2 x %d layers x %d), %d train / %d eval examples",
+            *(n_trainable, L, d, len(train_enc), len(eval_enc)),
+        )
+    run_log = RunLog(f"{stem}.log.jsonl", enabled=main, append=bool(cfg.resume))
+
+    def evaluate() -> dict[str, float]:
+        return {"eval_loss": eval_loss(red, eval_enc, pad_id, cfg.eval_batch_size, accelerator.device)}
+
+    spec = LoopSpec.from_options(
+        cfg,
+        name="red",
+        module=red,
+        n_items=len(train_enc),
+        make_batch=lambda idx: collate([train_enc[i] for i in idx], pad_id),
+        steps=cfg.max_steps,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        eval_fn=evaluate if eval_enc else None,
+        eval_every=cfg.eval_every,
+        checkpoint_dir=Path(cfg.resume or cfg.checkpoint_dir or f"{stem}.ckpt"),
+        log=run_log,
+    )
+    result = run_loop(spec, accelerator, desc="train red", resume=cfg.resume is not None)
+    red.remove_hooks()
+    editor = accelerator.unwrap_model(red).editor
+    metrics = _metrics(n_trainable, editor, result, len(train_enc), len(eval_enc))
     metrics["wall_s"] = round(time.monotonic() - t0, 1)
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    training = {k: v for k, v in asdict(cfg).items() if k not in ("out", "extra")}
+    training = recorded(cfg)
     training.update(
         cfg.extra,
         model=cfg.model or lm.model_id,
@@ -275,19 +215,8 @@ def train_red(cfg: RedConfig) -> dict[str, Any]:
     )
     summary = {"artifact": str(out), "training": training, "metrics": metrics}
     if main:
-        art = red_artifact(
-            editor,
-            red.layout,
-            training=training,
-            metrics=metrics,
-            base_model=lm.model_id,
-            description=cfg.description,
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_artifact(art, out)
-        summary["sha256"] = art.sha256
-        png = run_log.plot(f"{stem}.png", title="RED")
-        summary["plot"], summary["log"] = str(png), str(run_log.path)
-        Path(f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        kw = {"base_model": lm.model_id, "description": cfg.description}
+        art = red_artifact(editor, red.layout, training=training, metrics=metrics, **kw)
+        _write(summary, art, out, stem, run_log)
     accelerator.wait_for_everyone()
     return summary

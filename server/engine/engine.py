@@ -24,13 +24,14 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from steering_vectors import CompiledProfile, SlotsExhaustedError, SteeringHooks
 
+from ..observer import NULL_OBSERVER, EngineObserver
 from .attention import install_paged_attention
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import PagedKVCache
@@ -51,13 +52,13 @@ class Engine:
     """Continuous-batching generation over one model with per-row steering.
 
     ``hooks`` is the model's installed :class:`SteeringHooks` (``None`` serves unsteered only).
-    ``kv_cache_tokens`` (default: the context length, at least 1,024 per row) is the KV cache's capacity
-    over all rows, in tokens; ``max_batched_tokens`` (default 256) bounds the tokens of one forward pass (decode
-    tokens plus prompt chunks); ``page_size`` is the KV page size in tokens. ``relayout_weights``
+    ``kv_cache_tokens`` (default: the context length, at least 1,024 per row) is the KV cache's
+    capacity over all rows, in tokens; ``max_batched_tokens`` (default 256) bounds the tokens of one
+    forward pass (decode tokens plus prompt chunks); ``page_size`` is the KV page size in tokens. ``relayout_weights``
     stores linear weights column-major on CPU, which MKL multiplies faster for decode-sized batches.
-    ``observer`` (e.g. :class:`server.metrics.Metrics`) gets callbacks, any subset of:
-    ``observe_batch(rows)``, ``set_queue(running=, waiting=)``, ``observe_queue_wait(s)``,
-    ``observe_ttft(s)``, ``observe_inter_token(s)``, ``add_tokens(prompt=, generated=)``.
+    ``observer`` (an :class:`~server.observer.EngineObserver`, e.g. :class:`server.metrics.Metrics`) gets
+    the loop's callbacks: queue sizes, queue wait, rows per step, time to first token, inter-token time,
+    token counts.
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class Engine:
         max_batched_tokens: int = 256,
         page_size: int = 64,
         relayout_weights: bool = True,
-        observer: Any = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
@@ -108,7 +109,7 @@ class Engine:
             relayout_for_decode(model)
         self.attention = install_paged_attention(model)
         self.runner = ModelRunner(model, hooks, self.cache)
-        self._observer = observer
+        self._observer = observer or NULL_OBSERVER
         self._texts: dict[int, str] = {}
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
@@ -222,12 +223,7 @@ class Engine:
         return max(1, min(60, len(self.scheduler.waiting) // max(1, self.max_batch_size)))
 
     def _notify_queue(self) -> None:
-        self._emit("set_queue", running=self.running, waiting=len(self.scheduler.waiting))
-
-    def _emit(self, name: str, *args: Any, **kwargs: Any) -> None:
-        fn: Callable[..., None] | None = getattr(self._observer, name, None)
-        if fn is not None:
-            fn(*args, **kwargs)
+        self._observer.set_queue(running=self.running, waiting=len(self.scheduler.waiting))
 
     # ---- the loop ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -259,7 +255,7 @@ class Engine:
         if not works:
             return bool(self.scheduler.running)
         out = self.runner.run(works)
-        self._emit("observe_batch", len(works))
+        self._observer.observe_batch(len(works))
         rows: list[Seq] = []
         logits: list[torch.Tensor] = []
         for i, w in enumerate(works):
@@ -305,7 +301,7 @@ class Engine:
                 self.scheduler.start(group)
                 self._notify_queue()
             group.admitted = time.monotonic()
-            self._emit("observe_queue_wait", group.admitted - group.arrival)
+            self._observer.observe_queue_wait(group.admitted - group.arrival)
             for seq in group.seqs:
                 self.sampler.reset(seq)
 
@@ -320,9 +316,9 @@ class Engine:
             tok, lp = result
             if not seq.out and seq.index == 0:
                 seq.group.handle.timings["ttft"] = now - seq.group.arrival
-                self._emit("observe_ttft", now - seq.group.arrival)
+                self._observer.observe_ttft(now - seq.group.arrival)
             elif seq.out:
-                self._emit("observe_inter_token", now - seq.last_token_time)
+                self._observer.observe_inter_token(now - seq.last_token_time)
             seq.last_token_time = now
             seq.out.append(tok)
             self._postprocess(seq, tok, lp)
@@ -377,7 +373,7 @@ class Engine:
         if done:
             handle.timings["total"] = time.monotonic() - group.arrival
         # counted before the caller hears of it: a client that has its response sees its tokens in /metrics
-        self._emit("add_tokens", prompt=len(group.prompt) if seq.index == 0 else 0, generated=completion)
+        self._observer.add_tokens(prompt=len(group.prompt) if seq.index == 0 else 0, generated=completion)
         self._notify_queue()
         handle._push(
             EngineEvent(

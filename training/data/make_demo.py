@@ -10,7 +10,8 @@ downloaded or copied):
   lexicon: chosen replies score clearly positive, rejected ones clearly negative.
 * ``signoff_inst_{train,test}.jsonl`` - instructions (plain JSONL: ``prompt``, ``response``) teaching
   one behaviour measurable by string matching: every reply is a short, correct answer whose last line
-  is exactly ``SIGNOFF`` below: an em dash, a space and ``Steery``.
+  is exactly ``training.demo.SIGNOFF``: an em dash, a space and ``Steery`` (imported from there, so the
+  loaders, the evaluation and this generator share one constant).
 
 Test prompts are disjoint from train prompts: the test splits use held-out topics and fillers (other
 how-to tasks, countries, words, numbers), not just other phrasings of train prompts.
@@ -29,11 +30,12 @@ import random
 import sys
 from pathlib import Path
 
-SIGNOFF = "\u2014 Steery"
-"""Exact last line of every reply in the sign-off instruction set (an em dash, a space, "Steery")."""
+HERE = Path(__file__).resolve().parent
+sys.path.append(str(HERE.parents[1]))  # the repository root: runs from a checkout without `make install` too
+
+from training.demo import SIGNOFF  # noqa: E402
 
 DEFAULT_SEED = 0
-HERE = Path(__file__).resolve().parent
 
 TONE_FILES = ("tone_pref_train.jsonl", "tone_pref_test.jsonl")
 SIGNOFF_FILES = ("signoff_inst_train.jsonl", "signoff_inst_test.jsonl")
