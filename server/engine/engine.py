@@ -36,7 +36,14 @@ from .attention import install_paged_attention
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import PagedKVCache
 from .params import SamplingParams, generation_defaults
-from .request import ContextLengthError, DrainingError, EngineEvent, QueueFullError, RequestHandle
+from .request import (
+    ContextLengthError,
+    DrainingError,
+    EngineEvent,
+    GenerationResult,
+    QueueFullError,
+    RequestHandle,
+)
 from .runner import ModelRunner, relayout_for_decode
 from .sampler import RowSampler
 from .scheduler import Scheduler
@@ -53,9 +60,11 @@ class Engine:
 
     ``hooks`` is the model's installed :class:`SteeringHooks` (``None`` serves unsteered only).
     ``kv_cache_tokens`` (default: the context length, at least 1,024 per row) is the KV cache's
-    capacity over all rows, in tokens; ``max_batched_tokens`` (default 256) bounds the tokens of one
-    forward pass (decode tokens plus prompt chunks); ``page_size`` is the KV page size in tokens. ``relayout_weights``
-    stores linear weights column-major on CPU, which MKL multiplies faster for decode-sized batches.
+    capacity over all rows, in tokens; ``max_batched_tokens`` bounds the tokens of one forward pass
+    (decode tokens plus prompt chunks; default 48 on CPU, 2,048 elsewhere, at least ``max_batch_size``);
+    ``page_size`` is the KV page size in tokens.
+    ``relayout_weights`` stores linear weights column-major on CPU, which MKL multiplies faster for
+    decode-sized batches.
     ``observer`` (an :class:`~server.observer.EngineObserver`, e.g. :class:`server.metrics.Metrics`) gets
     the loop's callbacks: queue sizes, queue wait, rows per step, time to first token, inter-token time,
     token counts.
@@ -72,7 +81,7 @@ class Engine:
         max_new_tokens_cap: int = 2048,
         context_length: int | None = None,
         kv_cache_tokens: int | None = None,
-        max_batched_tokens: int = 256,
+        max_batched_tokens: int | None = None,
         page_size: int = 64,
         relayout_weights: bool = True,
         observer: EngineObserver | None = None,
@@ -103,6 +112,8 @@ class Engine:
             else torch.float32,
             device=self.device,
         )
+        if max_batched_tokens is None:  # CPU: a chunk costs about a decode step (see the README's figures)
+            max_batched_tokens = max(48 if self.device.type == "cpu" else 2048, max_batch_size)
         self.scheduler = Scheduler(self.cache, max_rows=max_batch_size, max_batched_tokens=max_batched_tokens)
         self.sampler = RowSampler(max_batch_size, self.vocab_size, self.eos_ids, self.device)
         if relayout_weights:
@@ -214,7 +225,7 @@ class Engine:
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, profile: CompiledProfile | None = None
-    ) -> Any:
+    ) -> GenerationResult:
         """Blocking convenience for in-process callers (the engine must be started): the result of
         sample 0 (use ``submit(...).wait_all()`` for n > 1)."""
         return self.submit(prompt_ids, params, profile).wait()
@@ -253,7 +264,7 @@ class Engine:
         for seq, err in failed:
             self._fail(seq, err)
         if not works:
-            return bool(self.scheduler.running)
+            return False
         out = self.runner.run(works)
         self._observer.observe_batch(len(works))
         rows: list[Seq] = []
@@ -264,7 +275,12 @@ class Engine:
                 continue
             w.seq.cached += len(w.tokens)
             if i in out.logits:
-                drawn = self.scheduler.fork(w.seq) if w.seq.group.params.n > 1 and not w.seq.out else [w.seq]
+                forking = w.seq.group.params.n > 1 and not w.seq.out  # siblings copy the prompt's cache now
+                try:
+                    drawn = self.scheduler.fork(w.seq) if forking else [w.seq]
+                except Exception as e:  # noqa: BLE001 - that request fails, the others go on
+                    self._fail(w.seq, e)
+                    continue
                 rows += drawn
                 logits += [out.logits[i]] * len(drawn)
         if rows:

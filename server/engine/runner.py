@@ -135,17 +135,20 @@ def relayout_for_decode(model: nn.Module) -> int:
     """Store each float ``nn.Linear`` weight [out, in] of a CPU model column-major (as the transpose of a
     contiguous [in, out] tensor). The values do not change; MKL's sgemm reads this layout 1.3-1.9x
     faster for the few rows of a decode step (measured here, 1 thread, [8, 576] x [576, 1536]:
-    270 vs 517 us). Returns the number of weights changed."""
+    270 vs 517 us). The model's other CPU parameters are copied as well, so that nothing keeps the
+    loaded checkpoint's memory map alive beside the copies. Returns the number of weights relaid out."""
     done = 0
     seen: set[int] = set()
     with torch.no_grad():
-        for mod in model.modules():
+        for mod in model.modules():  # first the linear weights (a tied embedding shares the LM head's)
             w = getattr(mod, "weight", None)
-            if type(mod) is not nn.Linear or w is None or w.device.type != "cpu" or not w.is_floating_point():
-                continue
-            if id(w) in seen or w.dim() != 2 or w.stride(0) == 1:
-                continue
-            seen.add(id(w))
-            w.data = w.data.t().contiguous().t()
-            done += 1
+            if type(mod) is nn.Linear and w is not None and w.device.type == "cpu" and w.is_floating_point():
+                if id(w) not in seen and w.dim() == 2 and w.stride(0) != 1:
+                    w.data = w.data.t().contiguous().t()
+                    done += 1
+                seen.add(id(w))
+        for p in model.parameters():  # then the rest
+            if id(p) not in seen and p.device.type == "cpu":
+                seen.add(id(p))
+                p.data = p.data.clone()
     return done
