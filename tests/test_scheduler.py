@@ -7,7 +7,7 @@ import pytest
 from server.engine.kv_cache import PagedKVCache
 from server.engine.params import SamplingParams
 from server.engine.request import ContextLengthError
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import PrefillPacer, Scheduler
 from server.engine.sequence import Group, Sequence
 
 
@@ -79,3 +79,18 @@ def test_fork_copies_the_prompt_cache_to_the_siblings():
     drawn = s.fork(parent)
     assert drawn == g.seqs and all(x.cached == 6 and len(x.pages) == 2 for x in g.seqs)
     assert all(bool((s.cache.k[:, x.pages] == 5.0).all()) for x in g.seqs[1:])
+
+
+def test_pacer_keeps_a_pass_beside_decoding_rows_within_its_factor():
+    pacer = PrefillPacer(factor=2.5, cold=32, floor=8, alpha=1.0)
+    assert pacer.allowance(0, 500) == 500  # nobody decodes: the whole budget
+    assert pacer.allowance(3, 500) == 32 and pacer.allowance(3, 10) == 10  # not measured yet
+    pacer.observe(3, 0, 0.2)  # decode-only pass: 0.2 s
+    pacer.observe(3, 20, 0.4)  # 20 prompt tokens added 0.2 s: 10 ms each
+    assert pacer.allowance(3, 500) == 30  # (2.5 - 1) * 0.2 / 0.01: such a pass takes 0.5 s = 2.5 x 0.2 s
+    pacer.observe(3, 10, 2.2)  # prompt tokens got expensive (200 ms each): the floor still makes progress
+    assert pacer.allowance(3, 500) == 8
+    fresh = PrefillPacer(alpha=1.0)  # the default factor: a paced pass takes about 2 decode-only passes
+    fresh.observe(0, 100, 1.0)  # a prompt-only pass bounds the per-token cost from above
+    fresh.observe(2, 0, 0.1)
+    assert fresh.allowance(2, 500) == 10

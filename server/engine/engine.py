@@ -61,7 +61,8 @@ class Engine:
     ``hooks`` is the model's installed :class:`SteeringHooks` (``None`` serves unsteered only).
     ``kv_cache_tokens`` (default: the context length, at least 1,024 per row) is the KV cache's
     capacity over all rows, in tokens; ``max_batched_tokens`` bounds the tokens of one forward pass
-    (decode tokens plus prompt chunks; default 48 on CPU, 2,048 elsewhere, at least ``max_batch_size``);
+    (decode tokens plus prompt chunks; default 2,048, at least ``max_batch_size``; beside decoding rows
+    the scheduler's pacer takes fewer prompt tokens, see :mod:`.scheduler`);
     ``page_size`` is the KV page size in tokens.
     ``relayout_weights`` stores linear weights column-major on CPU, which MKL multiplies faster for
     decode-sized batches.
@@ -112,8 +113,7 @@ class Engine:
             else torch.float32,
             device=self.device,
         )
-        if max_batched_tokens is None:  # CPU: a chunk costs about a decode step (see the README's figures)
-            max_batched_tokens = max(48 if self.device.type == "cpu" else 2048, max_batch_size)
+        max_batched_tokens = max_batched_tokens or max(2048, max_batch_size)
         self.scheduler = Scheduler(self.cache, max_rows=max_batch_size, max_batched_tokens=max_batched_tokens)
         self.sampler = RowSampler(max_batch_size, self.vocab_size, self.eos_ids, self.device)
         if relayout_weights:
@@ -265,7 +265,12 @@ class Engine:
             self._fail(seq, err)
         if not works:
             return False
+        t0 = time.perf_counter()
         out = self.runner.run(works)
+        n_decode = sum(w.decode for w in works)
+        self.scheduler.pacer.observe(
+            n_decode, sum(len(w.tokens) for w in works) - n_decode, time.perf_counter() - t0
+        )
         self._observer.observe_batch(len(works))
         rows: list[Seq] = []
         logits: list[torch.Tensor] = []

@@ -7,6 +7,10 @@
 - tokens per pass: ``max_batched_tokens``. Each step carries one token per decoding row, then fills the
   rest with prompt chunks, shortest remaining prompt first: a long prompt is prefilled a chunk per
   step beside the running streams, and a short prompt arriving behind it is not stuck behind it.
+  Beside decoding rows, the prompt tokens of a pass are also paced (:class:`PrefillPacer`) so that the
+  pass takes about ``factor`` (2) times a decode-only pass, from the measured cost of recent passes:
+  the streams' inter-token time stays bounded whatever the hardware, while a pass with no decoding row
+  (a burst of new requests) uses the whole budget.
 
 Pages are allocated as a row grows (its reservation guarantees they are there).
 """
@@ -19,14 +23,56 @@ from .kv_cache import PagedKVCache
 from .request import ContextLengthError
 from .sequence import Group, Sequence, Work
 
-__all__ = ["Scheduler"]
+__all__ = ["PrefillPacer", "Scheduler"]
+
+
+class PrefillPacer:
+    """Prompt tokens a pass may carry beside ``n`` decoding rows.
+
+    With t_d the time of a decode-only pass and c_p the marginal time of one prompt token (running
+    averages of measured passes), a pass with p prompt tokens takes about t_d + p c_p; keeping it within
+    ``factor * t_d`` gives  p <= (factor - 1) t_d / c_p. Until both are measured: ``cold`` tokens.
+    """
+
+    def __init__(self, factor: float = 2.0, cold: int = 32, floor: int = 8, alpha: float = 0.3) -> None:
+        self.factor, self.cold, self.floor, self.alpha = factor, cold, floor, alpha
+        self.t_decode: float | None = None
+        self.c_prompt: float | None = None
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+
+    def observe(self, n_decode: int, n_prompt: int, seconds: float) -> None:
+        """Record one forward pass."""
+        if n_prompt == 0:
+            self.t_decode = self._avg(self.t_decode, seconds)
+        elif n_decode == 0:  # the weights' read included: an over-estimate, on the safe side
+            self.c_prompt = self._avg(self.c_prompt, seconds / n_prompt)
+        elif self.t_decode is not None and seconds > self.t_decode:
+            self.c_prompt = self._avg(self.c_prompt, (seconds - self.t_decode) / n_prompt)
+
+    def allowance(self, n_decode: int, room: int) -> int:
+        """Prompt tokens for a pass with ``n_decode`` decoding rows and ``room`` tokens left in the budget."""
+        if n_decode == 0:
+            return room
+        if self.t_decode is None or self.c_prompt is None:
+            return min(room, self.cold)
+        paced = int((self.factor - 1) * self.t_decode / max(self.c_prompt, 1e-9))
+        return min(room, max(self.floor, paced))
 
 
 class Scheduler:
     """Who runs, and which tokens each forward pass carries. The engine thread owns it, except that
     :attr:`waiting` is shared with submitters under the engine's lock."""
 
-    def __init__(self, cache: PagedKVCache, *, max_rows: int, max_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        *,
+        max_rows: int,
+        max_batched_tokens: int,
+        pacer: PrefillPacer | None = None,
+    ) -> None:
         if max_batched_tokens < max_rows:
             raise ValueError(
                 f"max_batched_tokens ({max_batched_tokens}) must be at least max_batch_size ({max_rows}): "
@@ -38,6 +84,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.reserved = 0  # pages reserved by the running samples
         self._free_rows = list(range(max_rows))
+        self.pacer = pacer or PrefillPacer()
 
     # ---- admission ---------------------------------------------------------------------------
     def check(self, prompt_tokens: int, max_new_tokens: int, n: int) -> int:
@@ -99,7 +146,7 @@ class Scheduler:
                     failed.append((seq, e))
                     continue
                 works.append(Work(seq, seq.cached, [seq.out[-1]], decode=True, samples=True))
-        budget = self.max_batched_tokens - len(works)
+        budget = self.pacer.allowance(len(works), self.max_batched_tokens - len(works))
         prefilling = sorted(
             (s for s in self.running if s.prefilling and s.finish is None),
             key=lambda s: (len(s.prompt) - s.cached, s.group.arrival),
