@@ -82,7 +82,7 @@ def test_fork_copies_the_prompt_cache_to_the_siblings():
 
 
 def test_pacer_keeps_a_pass_beside_decoding_rows_within_its_factor():
-    pacer = PrefillPacer(factor=2.5, cold=32, floor=8, alpha=1.0)
+    pacer = PrefillPacer(factor=2.5, cold=32, floor=8, window=2)
     assert pacer.allowance(0, 500) == 500  # nobody decodes: the whole budget
     assert pacer.allowance(3, 500) == 32 and pacer.allowance(3, 10) == 10  # not measured yet
     pacer.observe(3, 0, 0.2)  # decode-only pass: 0.2 s
@@ -90,7 +90,12 @@ def test_pacer_keeps_a_pass_beside_decoding_rows_within_its_factor():
     assert pacer.allowance(3, 500) == 30  # (2.5 - 1) * 0.2 / 0.01: such a pass takes 0.5 s = 2.5 x 0.2 s
     pacer.observe(3, 10, 2.2)  # prompt tokens got expensive (200 ms each): the floor still makes progress
     assert pacer.allowance(3, 500) == 8
-    fresh = PrefillPacer(alpha=1.0)  # the default factor: a paced pass takes about 2 decode-only passes
+    pacer.observe(3, 10, 0.2001)  # a lucky fast pass: the largest recent cost still rules...
+    assert pacer.allowance(3, 500) == 8
+    pacer.observe(3, 10, 0.21)
+    pacer.observe(3, 10, 0.21)  # ...until it leaves the window; then the allowance grows at most 2x a pass
+    assert [pacer.allowance(3, 500) for _ in range(3)] == [16, 32, 64]
+    fresh = PrefillPacer()  # the default factor: a paced pass takes about 2 decode-only passes
     fresh.observe(0, 100, 1.0)  # a prompt-only pass bounds the per-token cost from above
     fresh.observe(2, 0, 0.1)
     assert fresh.allowance(2, 500) == 10

@@ -17,6 +17,7 @@ Pages are allocated as a row grows (its reservation guarantees they are there).
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 
 from .kv_cache import PagedKVCache
@@ -29,36 +30,39 @@ __all__ = ["PrefillPacer", "Scheduler"]
 class PrefillPacer:
     """Prompt tokens a pass may carry beside ``n`` decoding rows.
 
-    With t_d the time of a decode-only pass and c_p the marginal time of one prompt token (running
-    averages of measured passes), a pass with p prompt tokens takes about t_d + p c_p; keeping it within
-    ``factor * t_d`` gives  p <= (factor - 1) t_d / c_p. Until both are measured: ``cold`` tokens.
+    With t_d the time of a decode-only pass and c_p the marginal time of one prompt token, a pass with
+    p prompt tokens takes about t_d + p c_p; keeping it within ``factor * t_d`` gives
+    p <= (factor - 1) t_d / c_p. Both come from recent passes, read conservatively against noise: t_d is
+    the median of the last ``window`` decode-only passes, c_p the largest of the last ``window``
+    per-token samples (passes with at least ``floor`` prompt tokens), and the allowance at most doubles
+    from one pass to the next. Until both are measured: ``cold`` tokens.
     """
 
-    def __init__(self, factor: float = 2.0, cold: int = 32, floor: int = 8, alpha: float = 0.3) -> None:
-        self.factor, self.cold, self.floor, self.alpha = factor, cold, floor, alpha
-        self.t_decode: float | None = None
-        self.c_prompt: float | None = None
-
-    def _avg(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+    def __init__(self, factor: float = 2.0, cold: int = 32, floor: int = 8, window: int = 8) -> None:
+        self.factor, self.cold, self.floor = factor, cold, floor
+        self._decode: deque[float] = deque(maxlen=window)
+        self._prompt: deque[float] = deque(maxlen=window)
+        self._last = cold
 
     def observe(self, n_decode: int, n_prompt: int, seconds: float) -> None:
         """Record one forward pass."""
         if n_prompt == 0:
-            self.t_decode = self._avg(self.t_decode, seconds)
-        elif n_decode == 0:  # the weights' read included: an over-estimate, on the safe side
-            self.c_prompt = self._avg(self.c_prompt, seconds / n_prompt)
-        elif self.t_decode is not None and seconds > self.t_decode:
-            self.c_prompt = self._avg(self.c_prompt, (seconds - self.t_decode) / n_prompt)
+            self._decode.append(seconds)
+        elif n_prompt >= self.floor and n_decode == 0:  # includes reading the weights: on the safe side
+            self._prompt.append(seconds / n_prompt)
+        elif n_prompt >= self.floor and self._decode:
+            self._prompt.append(max(seconds - statistics.median(self._decode), 0.0) / n_prompt)
 
     def allowance(self, n_decode: int, room: int) -> int:
         """Prompt tokens for a pass with ``n_decode`` decoding rows and ``room`` tokens left in the budget."""
         if n_decode == 0:
             return room
-        if self.t_decode is None or self.c_prompt is None:
+        if not self._decode or not self._prompt:
             return min(room, self.cold)
-        paced = int((self.factor - 1) * self.t_decode / max(self.c_prompt, 1e-9))
-        return min(room, max(self.floor, paced))
+        t_d, c_p = statistics.median(self._decode), max(self._prompt)
+        paced = int((self.factor - 1) * t_d / c_p) if c_p > 0 else room
+        self._last = max(self.floor, min(paced, 2 * self._last))
+        return min(room, self._last)
 
 
 class Scheduler:
