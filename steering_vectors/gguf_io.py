@@ -58,10 +58,14 @@ Decisions here
   nothing. The dropped layers are listed in ``extra["gguf_zero_layers_dropped"]``. A file with only zero
   directions is an error.
 * ``num_layers`` when not given: ``steerserve.num_layers`` if the file carries it (our exports do), else
-  ``max N + 1`` over all direction tensors (zeros included). That is exact for a file that covers the model
-  up to its last layer, which is what both repeng's defaults and cvector-generator produce. Otherwise it is a
-  lower bound, so pass the served model's ``num_layers``. ``controlvector.layer_count`` is not used for
-  this: it counts tensors, not model layers.
+  :class:`LayerCountUnknownError`. The highest direction is never taken for the model's depth (a repeng
+  file for layers 1..19 of a 30-layer model would pass for a 20-layer one), and
+  ``controlvector.layer_count`` is not used for it either: it counts tensors, not model layers.
+* ``model_type``: the file's ``controlvector.model_hint`` (the source model's type); the argument is the
+  fallback for a file without one. The server compares it with the served model.
+* Before the ``gguf`` library parses anything, :func:`~steering_vectors.gguf_header.check_gguf_header`
+  bounds the header (metadata keys, array items, string lengths, tensor count), so a small file cannot
+  declare an enormous metadata array.
 * Export: a non-zero direction at layer 0 cannot be expressed. It raises :class:`ArtifactError` unless
   ``drop_layer0=True``, which omits it and reports it in the result. An all-zero layer-0 direction is
   omitted, since absence is zero, and is also reported. Directions are written as float32 (float16 / bfloat16
@@ -79,18 +83,22 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from .artifact import MAX_ARTIFACT_BYTES, Artifact, ArtifactError, IncompatibleArtifactError, fsync_dir
+from .gguf_header import check_gguf_header
 
 __all__ = [
     "CONTROLVECTOR_ARCH",
     "GGUFExportResult",
+    "LayerCountUnknownError",
     "export_gguf",
     "import_gguf",
+    "import_gguf_bytes",
 ]
 
 CONTROLVECTOR_ARCH = "controlvector"
@@ -101,6 +109,15 @@ _KEY_NUM_LAYERS = "steerserve.num_layers"
 _NAME = re.compile(r"^direction\.(0|[1-9][0-9]{0,5})$")
 _MAX_LAYER = 100_000  # same bound parse_artifact puts on num_layers
 _GGUF_MAGIC = b"GGUF"
+
+
+class LayerCountUnknownError(ArtifactError):
+    """The file does not record its model's layer count and none was given; ``bound`` is the smallest
+    count its directions allow (the highest direction + 1)."""
+
+    def __init__(self, message: str, bound: int) -> None:
+        super().__init__(message)
+        self.bound = bound
 
 
 @dataclass(frozen=True)
@@ -178,7 +195,8 @@ def import_gguf(
     try:
         return _import(p, hidden_size, num_layers, model_type, keep_zero, max_bytes)
     except ArtifactError as e:
-        raise type(e)(f"{p.name}: {e}") from None
+        e.args = (f"{p.name}: {e}",)
+        raise e from None
 
 
 def _import(
@@ -202,6 +220,7 @@ def _import(
         else:
             what = f"starts with {data[:4]!r}"
         raise ArtifactError(f"not a GGUF file (no 'GGUF' magic; the file {what})")
+    check_gguf_header(data)
     sha = hashlib.sha256(data).hexdigest()
     del data
 
@@ -281,11 +300,14 @@ def _import(
             raise ArtifactError(f"{_KEY_NUM_LAYERS} = {file_layers} but the file has direction.{top}")
         n_layers = file_layers
     else:
-        n_layers = top + 1
-    if model_type is None:
-        if not hint:
-            raise ArtifactError(f"GGUF has no {_KEY_HINT}; pass model_type")
-        model_type = hint
+        raise LayerCountUnknownError(
+            f"the file does not record its model's layer count ({_KEY_COUNT} = {count} counts direction "
+            f"tensors, not model layers); give the model's number of layers (at least {top + 1})",
+            bound=top + 1,
+        )
+    model_type = hint or model_type
+    if not model_type:
+        raise ArtifactError(f"GGUF has no {_KEY_HINT}; pass model_type")
 
     zero = sorted(layer for layer, v in directions.items() if not v.any())
     kept = {layer: v for layer, v in directions.items() if keep_zero or layer not in zero}
@@ -305,6 +327,14 @@ def _import(
         method="gguf-import",
         extra=extra,
     )
+
+
+def import_gguf_bytes(data: bytes, name: str = "upload.gguf", **options: Any) -> Artifact:
+    """:func:`import_gguf` of GGUF bytes (written to a private temporary file the reader maps)."""
+    with tempfile.TemporaryDirectory(prefix="steerserve-gguf-") as tmp:
+        src = Path(tmp) / (Path(name).name or "upload.gguf")
+        src.write_bytes(data)
+        return import_gguf(src, **options)
 
 
 def export_gguf(

@@ -15,7 +15,7 @@ import torch
 from helpers import add_artifact, lora_artifact, red_artifact, tiny_llama
 
 import server.store as store_mod
-from server.errors import ArtifactTooLargeError, UnknownProfileError, UnknownVectorError
+from server.errors import ArtifactTooLargeError, ConflictError, UnknownProfileError, UnknownVectorError
 from server.store import VectorStore
 from steering_vectors import Artifact, Profile, VectorRef, find_layout, load_artifact
 from steering_vectors.artifact import ArtifactError, IncompatibleArtifactError
@@ -47,8 +47,12 @@ def store(root, layout) -> VectorStore:
     return open_store(root, layout)
 
 
+#: the directory's lock and change marker (server/vector_dir.py), present whatever the store holds
+BOOKKEEPING = {".lock", ".generation"}
+
+
 def files_under(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*")}
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.name not in BOOKKEEPING}
 
 
 # ---------------------------------------------------------------------------- upload / list / get / delete
@@ -204,7 +208,7 @@ def test_persistence_across_restart(root, model, layout):
             ]
         }
     )
-    s1.put_profile("mix", prof)
+    saved = s1.put_profile("mix", prof, "a mix")
     compiled1 = s1.compile(prof)
 
     s2 = open_store(root, layout)
@@ -213,8 +217,8 @@ def test_persistence_across_restart(root, model, layout):
     assert s2.get("p").versions == [v1.sha256, v2.sha256]
     assert s2.get("p").description == "two"
     assert s2.resolve(VectorRef(f"p@{v1.sha256[:6]}")).sha256 == v1.sha256
-    assert s2.list_profiles() == {"mix": prof}
-    assert s2.get_profile("mix") == prof
+    assert s2.list_profiles() == {"mix": saved} and saved.description == "a mix"
+    assert s2.get_profile("mix") == saved.profile
     compiled2 = s2.compile(s2.get_profile("mix"))
     assert compiled2.fingerprint == compiled1.fingerprint
     assert compiled2.resolved == compiled1.resolved
@@ -388,7 +392,7 @@ def test_bad_names_rejected_and_nothing_written(tmp_path, model, layout, name):
         s.add(name, data, filename="x.safetensors")
     with pytest.raises(ValueError, match="invalid name"):
         s.put_profile(name, Profile())
-    with pytest.raises(ValueError, match="invalid name"):
+    with pytest.raises((ValueError, KeyError)):  # name@abcd names a version: unknown here
         s.delete(name)
     with pytest.raises(ValueError, match="invalid name"):
         s.delete_profile(name)
@@ -465,14 +469,23 @@ def test_profiles_crud(store, root, model):
     store.add("a", add_artifact(model).to_bytes(), filename="a.safetensors")
     store.add("b", red_artifact(model).to_bytes(), filename="b.safetensors")
     p = Profile.from_dict({"vectors": [{"name": "a", "strength": 2.0}, {"name": "b", "layers": [0]}]})
-    store.put_profile("both", p)
-    assert store.get_profile("both") == p
+    saved = store.put_profile("both", p, "two vectors")
+    sha_a, sha_b = store.get("a").sha256, store.get("b").sha256
+    pinned = Profile.from_dict(
+        {"vectors": [{"name": f"a@{sha_a}", "strength": 2.0}, {"name": f"b@{sha_b}", "layers": [0]}]}
+    )
+    assert saved.profile == pinned and saved.description == "two vectors"  # pinned when saved
+    assert store.get_profile("both") == pinned
+    assert store.saved_profile("both").description == "two vectors"
     assert store.has_profile("both") and not store.has_profile("none")
     assert json.loads((root / ".profiles" / "both.json").read_text())["vectors"][0]["strength"] == 2.0
     p2 = Profile.from_dict({"vectors": [{"name": "a"}]})
     store.put_profile("both", p2)
     store.put_profile("again", p)
-    assert store.list_profiles() == {"again": p, "both": p2}
+    assert {n: s.profile for n, s in store.list_profiles().items()} == {
+        "again": pinned,
+        "both": Profile.from_dict({"vectors": [{"name": f"a@{sha_a}"}]}),
+    }
     compiled = store.compile(p)
     assert [r["sha256"] for r in compiled.resolved] == [store.get("a").sha256, store.get("b").sha256]
     assert ("resid", 0) in compiled.affine and ("ffn", 0) in compiled.affine
@@ -486,8 +499,10 @@ def test_profiles_crud(store, root, model):
     with pytest.raises(UnknownProfileError, match="both"):
         store.delete_profile("both")
 
-    # a saved profile whose vector is deleted later fails to compile with a 404-type error
-    store.delete("b")
+    # a vector a saved profile uses is deleted only when forced; the profile then fails with a 404-type error
+    with pytest.raises(ConflictError, match="again"):
+        store.delete("b")
+    store.delete("b", force=True)
     with pytest.raises(UnknownVectorError, match="'b'"):
         store.compile(store.get_profile("again"))
 
