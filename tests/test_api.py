@@ -500,9 +500,7 @@ def test_pickle_and_torch_save_uploads_are_rejected_and_never_executed(server, t
         assert needle in err["message"], err
     assert not canary.exists()
     assert client.get("/v1/vectors").json()["data"] == []
-    leftovers = [
-        p for p in Path(state.config.vector_dir).rglob("*") if p.is_file() and p.name != ".lock"
-    ]
+    leftovers = [p for p in Path(state.config.vector_dir).rglob("*") if p.is_file() and p.name != ".lock"]
     assert leftovers == []
     assert metric(client.get("/metrics").text, "steer_vector_uploads_total", result="invalid") == 4
 
@@ -555,16 +553,22 @@ def test_steering_response_strength_zero_pins_and_profiles(server):
     plain = generate(client)
     assert plain["steering"]["vectors"] == []
     assert re.fullmatch(r"[0-9a-f]{8,}", plain["steering"]["fingerprint"])
-    steered = generate(client, steering={"vectors": [{"name": "vec", "strength": 1.0, "layers": None, "positions": "all"}]})
+    steered = generate(
+        client, steering={"vectors": [{"name": "vec", "strength": 1.0, "layers": None, "positions": "all"}]}
+    )
     assert steered["text"] != plain["text"]
-    assert steered["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 1.0, "layers": None, "positions": "all"}]
+    assert steered["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 1.0, "layers": None, "positions": "all"}
+    ]
     assert re.fullmatch(r"[0-9a-f]{8,}", steered["steering"]["fingerprint"])
     assert steered["steering"]["fingerprint"] != plain["steering"]["fingerprint"]
     assert generate(client, steering={"vectors": [{"name": "vec"}]}) == steered  # reproducible
 
     zero = generate(client, steering={"vectors": [{"name": "vec", "strength": 0}]})
     assert zero["text"] == plain["text"]
-    assert zero["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 0.0, "layers": None, "positions": "all"}]
+    assert zero["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 0.0, "layers": None, "positions": "all"}
+    ]
     assert zero["steering"]["fingerprint"] != steered["steering"]["fingerprint"]
 
     # a re-upload replaces the current version; the old one stays reachable by pin
@@ -574,11 +578,15 @@ def test_steering_response_strength_zero_pins_and_profiles(server):
     assert steered2["text"] != steered["text"]
     pinned = generate(client, steering={"vectors": [{"name": f"vec@{v1.sha256[:8]}"}]})
     assert pinned["text"] == steered["text"]
-    assert pinned["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 1.0, "layers": None, "positions": "all"}]
+    assert pinned["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 1.0, "layers": None, "positions": "all"}
+    ]
     assert pinned["steering"]["fingerprint"] == steered["steering"]["fingerprint"]
 
     # a saved profile, by name in `steering` and as the OpenAI `model`
-    profile = {"vectors": [{"name": f"vec@{v1.sha256[:8]}", "strength": 1.0, "layers": None, "positions": "all"}]}
+    profile = {
+        "vectors": [{"name": f"vec@{v1.sha256[:8]}", "strength": 1.0, "layers": None, "positions": "all"}]
+    }
     saved = client.put("/v1/profiles/calm", json=profile)
     assert saved.status_code == 200 and saved.json()["name"] == "calm"
     assert client.get("/v1/profiles/calm").json()["vectors"][0]["name"] == f"vec@{v1.sha256}"  # pinned
