@@ -74,7 +74,7 @@ class ServerState:
             max_bytes=cfg.max_upload_bytes,
             max_vectors=cfg.max_vectors,
             max_versions=cfg.max_versions,
-            model_names=() if cfg.allow_model_mismatch else (loaded.model_id, loaded.path.name),
+            model_names=None if cfg.allow_model_mismatch else (loaded.model_id, loaded.path.name),
             reserved_names=(cfg.served_model_name or loaded.model_id,),
         )
         if cfg.fold:
