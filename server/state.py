@@ -85,7 +85,7 @@ class ServerState:
                 raise ValueError(f"cannot fold profile {cfg.fold!r}: {e}") from None
             store.folded = cfg.fold
         self.metrics.set_model_info(
-            model=loaded.model_id,
+            model=cfg.served_model_name or loaded.model_id,
             quantization=loaded.quantization,
             device=str(loaded.device),
             dtype=loaded.dtype_name,

@@ -1,12 +1,10 @@
 """The vector store: registered steering artifacts (versions) and saved profiles of one served model.
 
-Files live in the vector directory (:class:`~server.vector_dir.VectorDir`: layout, crash safety, the lock
-and generation marker that let several processes share it). The in-memory state is a cache of the
-directory: every read checks the generation marker first (one small file read) and reloads when another
-process changed something, so an upload, delete or profile change made anywhere is seen by the next
-request; every change is a read-modify-write under the directory's exclusive lock. Artifacts are loaded on
-first use into an LRU cache keyed by sha256; they are never mutated, so requests that hold one are not
-disturbed by later changes.
+Files live in the vector directory (:class:`~server.vector_dir.VectorDir`). The in-memory state caches it:
+every read first compares the directory's change marker (one small file read) and reloads when another
+process changed it, so a change made anywhere is seen by the next request; every change is a
+read-modify-write under the directory's exclusive lock. Artifacts are loaded on first use into an LRU
+cache by sha256 and never mutated, so requests that hold one are not disturbed by later changes.
 
 Lifecycle (SPEC §9.2): saved profiles pin ``name@sha256``; what a saved profile uses is deleted only when
 forced; a name keeps ``max_versions`` versions (oldest unpinned out first), the store ``max_vectors`` names.
@@ -61,14 +59,11 @@ def _check_description(description: str | None) -> None:
 class VectorStore:
     """Registered steering vectors and saved profiles of one served model, persisted under ``root``.
 
-    ``layout`` describes the served model: uploads that do not fit it (hidden size, layer count, LoRA
-    targets) are rejected with :class:`IncompatibleArtifactError`, and so are artifacts whose
-    ``model_type`` or ``base_model`` metadata names another model unless ``model_names`` is None
-    (``--allow-model-mismatch``; otherwise the names ``base_model`` may carry). ``max_bytes`` caps an
-    upload; ``cache_bytes`` bounds the loaded-artifact cache; ``reserved_names`` may not name a profile
-    (the served model's id). ``folded``: the profile folded into the served model, which stays as it is.
-
-    Thread- and process-safe; artifacts are parsed one at a time (their memory is bounded by one upload).
+    ``layout`` describes the served model: artifacts that do not fit it (hidden size, layers, LoRA targets)
+    are :class:`IncompatibleArtifactError`, and so are those whose ``model_type`` or ``base_model`` names
+    another model, unless ``model_names`` (the names ``base_model`` may carry) is None. ``max_bytes`` caps
+    an upload, ``cache_bytes`` the artifact cache; ``reserved_names`` may not name a profile; ``folded`` is
+    the profile folded into the served model. Thread- and process-safe; one artifact is parsed at a time.
     """
 
     def __init__(

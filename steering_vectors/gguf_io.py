@@ -87,7 +87,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
 
 from .artifact import MAX_ARTIFACT_BYTES, Artifact, ArtifactError, IncompatibleArtifactError, fsync_dir
 from .gguf_header import check_gguf_header
@@ -199,14 +199,8 @@ def import_gguf(
         raise e from None
 
 
-def _import(
-    p: Path,
-    hidden_size: int | None,
-    num_layers: int | None,
-    model_type: str | None,
-    keep_zero: bool,
-    max_bytes: int,
-) -> Artifact:
+def _read_checked(p: Path, max_bytes: int) -> str:
+    """The file's sha256, once its size, magic and header bounds are checked."""
     data = p.read_bytes()
     if len(data) > max_bytes:  # the file grew after stat()
         raise ArtifactError(f"{len(data)} bytes exceeds the {max_bytes}-byte limit")
@@ -221,9 +215,75 @@ def _import(
             what = f"starts with {data[:4]!r}"
         raise ArtifactError(f"not a GGUF file (no 'GGUF' magic; the file {what})")
     check_gguf_header(data)
-    sha = hashlib.sha256(data).hexdigest()
-    del data
+    return hashlib.sha256(data).hexdigest()
 
+
+def _direction(t: ReaderTensor, d: int | None) -> tuple[int, np.ndarray]:
+    """(layer, float32 vector) of one ``direction.N`` tensor; ``d``: the length of the others."""
+    m = _NAME.match(t.name)
+    if m is None:
+        raise ArtifactError(
+            f"tensor {t.name!r} is not named direction.N (N a decimal layer number without leading zeros)"
+        )
+    layer = int(m.group(1))
+    if layer == 0:
+        raise ArtifactError(
+            "tensor direction.0 is invalid: llama.cpp numbers control-vector layers from 1 "
+            "(direction.N is added to the output of layer N) and rejects files with direction.0"
+        )
+    if layer >= _MAX_LAYER:
+        raise ArtifactError(f"tensor {t.name}: layer {layer} out of range")
+    dims = [int(x) for x in t.shape]
+    if not dims or any(x != 1 for x in dims[1:]):
+        raise ArtifactError(f"tensor {t.name}: shape {dims} is not 1-D")
+    if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        raise ArtifactError(f"tensor {t.name}: type {t.tensor_type.name}, expected F32 (or F16)")
+    n = dims[0]
+    if n <= 0:
+        raise ArtifactError(f"tensor {t.name}: empty")
+    if d is not None and n != d:
+        raise ArtifactError(f"tensor {t.name}: length {n} does not match the other directions' {d}")
+    try:
+        vec = np.array(t.data, dtype=np.float32).reshape(-1)
+    except Exception as e:
+        raise ArtifactError(f"tensor {t.name}: cannot read its data: {e}") from None
+    if vec.shape != (n,):
+        raise ArtifactError(f"tensor {t.name}: holds {vec.size} values, expected {n}")
+    if not np.isfinite(vec).all():
+        raise ArtifactError(f"tensor {t.name}: contains NaN or Inf values")
+    return layer, vec
+
+
+def _layer_count(top: int, num_layers: int | None, file_layers: int | None, count: int | None) -> int:
+    """The model's layer count: the one given (checked against the highest direction ``top``), else the
+    file's ``steerserve.num_layers``; never guessed (:class:`LayerCountUnknownError`)."""
+    if num_layers is not None:
+        if top >= num_layers:
+            raise IncompatibleArtifactError(
+                f"direction.{top} targets layer {top}, out of range for the served model's "
+                f"{num_layers} layers (valid: direction.1 .. direction.{num_layers - 1})"
+            )
+        return num_layers
+    if file_layers is not None:
+        if not (top < file_layers <= _MAX_LAYER):
+            raise ArtifactError(f"{_KEY_NUM_LAYERS} = {file_layers} but the file has direction.{top}")
+        return file_layers
+    raise LayerCountUnknownError(
+        f"the file does not record its model's layer count ({_KEY_COUNT} = {count} counts direction "
+        f"tensors, not model layers); give the model's number of layers (at least {top + 1})",
+        bound=top + 1,
+    )
+
+
+def _import(
+    p: Path,
+    hidden_size: int | None,
+    num_layers: int | None,
+    model_type: str | None,
+    keep_zero: bool,
+    max_bytes: int,
+) -> Artifact:
+    sha = _read_checked(p, max_bytes)
     try:
         reader = GGUFReader(p, "r")
     except Exception as e:  # the gguf library raises ValueError, KeyError, IndexError... on bad files
@@ -240,71 +300,19 @@ def _import(
     count = _field_value(reader, _KEY_COUNT, "int")
     file_layers = _field_value(reader, _KEY_NUM_LAYERS, "int")
 
-    if not reader.tensors:
-        raise ArtifactError("GGUF control vector holds no direction tensors")
     directions: dict[int, np.ndarray] = {}
     d: int | None = None
     for t in reader.tensors:
-        m = _NAME.match(t.name)
-        if m is None:
-            raise ArtifactError(
-                f"tensor {t.name!r} is not named direction.N (N a decimal layer number without leading zeros)"
-            )
-        layer = int(m.group(1))
-        if layer == 0:
-            raise ArtifactError(
-                "tensor direction.0 is invalid: llama.cpp numbers control-vector layers from 1 "
-                "(direction.N is added to the output of layer N) and rejects files with direction.0"
-            )
-        if layer >= _MAX_LAYER:
-            raise ArtifactError(f"tensor {t.name}: layer {layer} out of range")
-        dims = [int(x) for x in t.shape]
-        if not dims or any(x != 1 for x in dims[1:]):
-            raise ArtifactError(f"tensor {t.name}: shape {dims} is not 1-D")
-        if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            raise ArtifactError(f"tensor {t.name}: type {t.tensor_type.name}, expected F32 (or F16)")
-        n = dims[0]
-        if n <= 0:
-            raise ArtifactError(f"tensor {t.name}: empty")
-        if d is None:
-            d = n
-        elif n != d:
-            raise ArtifactError(f"tensor {t.name}: length {n} does not match the other directions' {d}")
-        try:
-            vec = np.array(t.data, dtype=np.float32).reshape(-1)
-        except Exception as e:
-            raise ArtifactError(f"tensor {t.name}: cannot read its data: {e}") from None
-        if vec.shape != (d,):
-            raise ArtifactError(f"tensor {t.name}: holds {vec.size} values, expected {d}")
-        if not np.isfinite(vec).all():
-            raise ArtifactError(f"tensor {t.name}: contains NaN or Inf values")
-        directions[layer] = vec
+        layer, directions[layer] = _direction(t, d)
+        d = directions[layer].shape[0]
     del reader
     if d is None:
         raise ArtifactError("GGUF control vector holds no direction tensors")
-
     if hidden_size is not None and hidden_size != d:
         raise IncompatibleArtifactError(
             f"control vector length {d} does not fit the served model's hidden_size {hidden_size}"
         )
-    top = max(directions)
-    if num_layers is not None:
-        if top >= num_layers:
-            raise IncompatibleArtifactError(
-                f"direction.{top} targets layer {top}, out of range for the served model's "
-                f"{num_layers} layers (valid: direction.1 .. direction.{num_layers - 1})"
-            )
-        n_layers = num_layers
-    elif file_layers is not None:
-        if not (top < file_layers <= _MAX_LAYER):
-            raise ArtifactError(f"{_KEY_NUM_LAYERS} = {file_layers} but the file has direction.{top}")
-        n_layers = file_layers
-    else:
-        raise LayerCountUnknownError(
-            f"the file does not record its model's layer count ({_KEY_COUNT} = {count} counts direction "
-            f"tensors, not model layers); give the model's number of layers (at least {top + 1})",
-            bound=top + 1,
-        )
+    n_layers = _layer_count(max(directions), num_layers, file_layers, count)
     model_type = hint or model_type
     if not model_type:
         raise ArtifactError(f"GGUF has no {_KEY_HINT}; pass model_type")
