@@ -126,3 +126,20 @@ def test_serve_exits_with_a_one_line_reason(tmp_path, case, needle):
     assert code != 0 and took < 30, (code, took)
     assert lines and lines[-1].startswith("steerserve: error:") and needle in lines[-1], lines[-5:]
     assert not any("Traceback" in line for line in lines), lines
+
+
+def test_the_open_file_limit_fits_max_connections(monkeypatch):
+    import resource
+
+    from server import serve
+
+    calls = []
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, limits: calls.append(limits))
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (128, 4096))
+    serve.ensure_fd_limit(256)  # raised to fit, up to the hard limit
+    assert calls == [(256 + 64, 4096)]
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (128, 128))
+    with pytest.raises(
+        ValueError, match="--max-connections 256 needs 320 file descriptors but the limit is 128"
+    ):
+        serve.ensure_fd_limit(256)
