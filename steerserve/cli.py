@@ -48,14 +48,36 @@ def _prepare(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_gguf(path: Path, num_layers: int | None = None, model: str | None = None) -> tuple[Any, bool]:
+    """A control-vector GGUF as an artifact, and whether its layer count is known: from
+    ``num_layers``, the model folder's ``config.json``, or the file itself (our exports record it)."""
+    from steering_vectors.gguf_io import LayerCountUnknownError, import_gguf
+
+    hidden = model_type = None
+    if model is not None:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        num_layers = num_layers or cfg["num_hidden_layers"]
+        hidden, model_type = cfg["hidden_size"], cfg.get("model_type")
+    try:
+        return import_gguf(path, num_layers=num_layers, hidden_size=hidden, model_type=model_type), True
+    except LayerCountUnknownError as e:
+        return import_gguf(path, num_layers=e.bound, hidden_size=hidden, model_type=model_type), False
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1, name)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import hashlib
 
-    from steering_vectors import import_gguf, load_artifact
+    from steering_vectors import load_artifact
 
     path = Path(args.file)
-    art = import_gguf(path) if path.read_bytes()[:4] == b"GGUF" else load_artifact(path)
-    norms = art.norms()
+    gguf = path.read_bytes()[:4] == b"GGUF"
+    art, known = _read_gguf(path) if gguf else (load_artifact(path), True)
+    norms = dict(sorted(art.norms().items(), key=lambda kv: _layer_order(kv[0])))
     report = {
         "file": str(path),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -63,7 +85,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "method": art.method,
         "model_type": art.model_type,
         "hidden_size": art.hidden_size,
-        "num_layers": art.num_layers,
+        "num_layers": art.num_layers if known else None,
         "layers": art.layers,
         "lora_alpha": art.lora_alpha,
         "metadata": art.extra,
@@ -72,6 +94,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    if not known:
+        report["num_layers"] = f"not recorded in the file (at least {art.num_layers})"
     for key in ("file", "sha256", "kind", "method", "model_type", "hidden_size", "num_layers"):
         print(f"{key:12} {report[key]}")
     if art.lora_alpha is not None:
@@ -86,11 +110,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _import_gguf(args: argparse.Namespace) -> int:
-    from steering_vectors import import_gguf, save_artifact
+    from steering_vectors import save_artifact
 
-    art = import_gguf(args.input, num_layers=args.num_layers, model_type=args.model_type)
+    art, known = _read_gguf(Path(args.input), args.num_layers, args.model)
+    if not known:
+        raise ValueError(
+            f"{args.input} does not record its model's layer count (controlvector.layer_count counts "
+            f"its direction tensors); pass --num-layers N or --model DIR (at least {art.num_layers} layers)"
+        )
+    if args.model_type and args.model_type != art.model_type:
+        art.model_type = args.model_type
     sha = save_artifact(art, args.output)
-    print(f"wrote {args.output} (add, layers {art.layers}, sha256 {sha})")
+    print(f"wrote {args.output} (add, layers {art.layers}, {art.num_layers} model layers, sha256 {sha})")
     return 0
 
 
@@ -114,15 +145,23 @@ def _upload(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     path = Path(args.file)
     data = {"name": args.name, **({"description": args.description} if args.description else {})}
-    with path.open("rb") as f:
-        resp = httpx.post(
-            args.url.rstrip("/") + "/v1/vectors",
-            data=data,
-            headers=headers,
-            files={"file": (path.name, f, "application/octet-stream")},
-            timeout=120,
-        )
-    print(json.dumps(resp.json(), indent=2))
+    base = args.url.rstrip("/")
+    base = base[: -len("/v1")] if base.endswith("/v1") else base  # the OpenAI base URL works too
+    try:
+        with path.open("rb") as f:
+            resp = httpx.post(
+                base + "/v1/vectors",
+                data=data,
+                headers=headers,
+                files={"file": (path.name, f, "application/octet-stream")},
+                timeout=120,
+            )
+    except httpx.HTTPError as e:
+        raise OSError(f"cannot reach the server at {base}: {e}") from None
+    try:
+        print(json.dumps(resp.json(), indent=2))
+    except ValueError:
+        print(f"HTTP {resp.status_code}: {resp.text[:500]}")
     return 0 if resp.status_code == 201 else 1
 
 
@@ -148,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--num-layers", type=int, default=None, help="layer count of the target model")
-    p.add_argument("--model-type", default=None)
+    p.add_argument("--model", default=None, help="the target model's folder (layer count, hidden size, type)")
+    p.add_argument("--model-type", default=None, help="model_type to record (default: the file's hint)")
     p = vec.add_parser("export-gguf", help="add artifact -> llama.cpp control vector")
     p.add_argument("input")
     p.add_argument("output")
@@ -175,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         ("vectors", "export-gguf"): _export_gguf,
         ("vectors", "upload"): _upload,
     }
-    if args.command == "train":
-        return int(args.run(args) or 0)
     try:
+        if args.command == "train":
+            return int(args.run(args) or 0)
         return handlers[(args.command, getattr(args, "action", None))](args)
-    except (ValueError, OSError) as e:
-        print(f"steerserve: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, KeyError) as e:  # a user's mistake: one line, no traceback
+        message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        print(f"steerserve: error: {message}", file=sys.stderr)
         return 2
 
 
