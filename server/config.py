@@ -64,6 +64,8 @@ class ServerConfig:
     fold: str | None = _option(None, "fold this saved profile into the weights")
     log_prompts: bool = _option(False, "write prompts into the request log")
     log_level: str = _option("info", "log level")
+    compute_max_tokens: int = _option(256, "POST /v1/vectors/compute: tokens per text of a pair")
+    compute_batch_size: int = _option(16, "POST /v1/vectors/compute: texts per forward pass")
 
 
 def env_name(name: str) -> str:
