@@ -1,7 +1,7 @@
-"""The HTTP routes, one router per concern: generation, OpenAI compatibility, admin, health and the workbench
-(sweeps, computed vectors, norms)."""
+"""The HTTP routes, one router per concern: generation, OpenAI compatibility, admin, health, the workbench
+(sweeps, computed vectors, norms) and the playground page."""
 
-from . import admin, generate, health, openai, workbench
+from . import admin, generate, health, openai, playground, workbench
 
 __all__ = ["ROUTERS"]
 
@@ -11,4 +11,5 @@ ROUTERS = (
     openai.router,
     workbench.router,
     admin.router,
+    playground.router,
 )
