@@ -23,6 +23,7 @@ touch this computation, and it never touches the engine's batches.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -91,6 +92,10 @@ def default_compute_layers(num_layers: int) -> list[int]:
     return list(range(lo, hi))
 
 
+class _Enough(Exception):
+    """Raised by the hook of the highest layer read: the rest of the forward pass is not needed."""
+
+
 def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), each [B, T], right padded: real tokens keep positions 0..n-1 and,
     attention being causal, never see the padding."""
@@ -114,8 +119,8 @@ def last_token_states(
 ) -> dict[int, torch.Tensor]:
     """{l: [n, d] float32}: the output of decoder block l at the last token of each of ``seqs``.
 
-    Runs ``model`` without its hooks (:func:`unhooked_view`), ``batch_size`` sequences per forward pass
-    (similar lengths together, right padded); the order of ``seqs`` is kept.
+    Runs ``model`` without its hooks (:func:`unhooked_view`) up to the highest layer asked for, ``batch_size``
+    sequences per forward pass (similar lengths together, right padded); the order of ``seqs`` is kept.
     """
     if not seqs or any(len(s) == 0 for s in seqs):
         raise ValueError("every text must have at least one token")
@@ -127,10 +132,13 @@ def last_token_states(
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(view.forward).parameters else {}
     out = {layer: torch.empty(len(seqs), layout.hidden_size) for layer in layers}  # [n, d] each
     captured: dict[int, torch.Tensor] = {}
+    top = max(layers)
 
     def capture(layer: int):
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor | tuple) -> None:
             captured[layer] = output[0] if isinstance(output, tuple) else output  # [B, T, d]
+            if layer == top:
+                raise _Enough  # the blocks above the highest layer asked for are not run
 
         return hook
 
@@ -140,7 +148,8 @@ def last_token_states(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             ids, mask = _right_pad([seqs[i] for i in rows], pad_id)
-            view(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs)
+            with contextlib.suppress(_Enough):
+                view(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs)
             last = (mask.sum(-1) - 1).to(device)  # [b] index of each row's last token
             for layer in layers:
                 h = captured.pop(layer)  # [b, T, d]
@@ -171,6 +180,11 @@ def pca_direction(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 def _check_method(method: str) -> None:
     if method not in COMPUTE_METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(COMPUTE_METHODS)}")
+
+
+def _digits(x: float) -> float:
+    """``x`` to 6 significant digits (what the metadata records)."""
+    return float(f"{x:.6g}")
 
 
 @dataclass
@@ -207,8 +221,9 @@ class PairStates:
         for layer in self.layers:
             v = self.vector(layer, method)
             tensors[f"layers.{layer}.direction"] = v
-            hidden[str(layer)] = round(self.hidden_norm(layer), 6)
-            relative[str(layer)] = round(float(v.norm()) / max(hidden[str(layer)], 1e-12), 6)
+            norm = self.hidden_norm(layer)
+            hidden[str(layer)] = _digits(norm)
+            relative[str(layer)] = _digits(float(v.norm()) / max(norm, 1e-12))
         meta = {
             "pairs": str(len(next(iter(self.pos.values())))),
             "layers": json.dumps(self.layers),

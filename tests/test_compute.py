@@ -24,7 +24,7 @@ from steering_vectors.compute import (
 )
 
 LAYERS = 4
-CHECKED = (-0.25, 0.0, 0.25)  # strengths of the README's table the slow test measures again
+CHECKED = (-0.25, 0.0, 0.125)  # strengths of the README's table the slow test measures again
 PAIRS = [
     ([1, 5, 9, 200, 31], [1, 5, 9, 201]),
     ([7, 8, 9], [7, 8, 10, 11, 12, 13]),
