@@ -80,15 +80,16 @@ def test_last_token_states_equal_output_hidden_states_of_each_text_alone(model):
     assert not torch.allclose(tied, got[LAYERS - 1][0], atol=1e-3)
 
 
+@pytest.mark.parametrize("layers", [[0, 2, 3], [2, 1]])  # the second stops the forward pass after block 2
 @pytest.mark.parametrize("method", ["mean-diff", "pca"])
-def test_compute_vector_equals_an_independent_computation(model, method):
-    art = compute_vector(model, PAIRS, method=method, layers=[0, 2, 3], batch_size=4)
+def test_compute_vector_equals_an_independent_computation(model, method, layers):
+    art = compute_vector(model, PAIRS, method=method, layers=layers, batch_size=4)
     want = reference_vectors(model, PAIRS, method)
-    assert art.kind == "add" and art.method == method and art.layers == [0, 2, 3]
+    assert art.kind == "add" and art.method == method and art.layers == sorted(layers)
     for layer in art.layers:
         np.testing.assert_allclose(art.direction(layer).numpy(), want[layer], atol=1e-5, rtol=0)
     meta = art.extra
-    assert meta["pairs"] == "5" and json.loads(meta["layers"]) == [0, 2, 3]
+    assert meta["pairs"] == "5" and json.loads(meta["layers"]) == sorted(layers)
     assert meta["position"] == "last-token"
     states = reference_states(model, [s for p in PAIRS for s in p])
     hidden = json.loads(meta["hidden_norms"])
@@ -236,6 +237,7 @@ def _readme_accuracy(method: str) -> dict[float, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 4 minutes on 2 idle cores; far longer on a loaded machine
 def test_the_tone_vector_moves_held_out_preference_as_the_readme_reports():
     """On the default model, the mean-diff vector of the 336 demo tone pairs (read as ``vectors compute``
     reads them) moves the held-out preference accuracy as the README's table says, within one pair."""
