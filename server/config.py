@@ -75,6 +75,8 @@ class ServerConfig:
     max_versions: int = _option(20, "versions kept per vector name (the oldest unpinned one goes first)")
     log_prompts: bool = _option(False, "write prompts into the request log")
     log_level: str = _option("info", "log level")
+    compute_max_tokens: int = _option(256, "POST /v1/vectors/compute: tokens per text of a pair")
+    compute_batch_size: int = _option(16, "POST /v1/vectors/compute: texts per forward pass")
 
     def __post_init__(self) -> None:
         for name in _POSITIVE:
