@@ -144,7 +144,7 @@ async def run_sweep(state: ServerState, request: Request, body: SweepRequest) ->
     ref = VectorRef(body.vector, layers=tuple(body.layers) if body.layers is not None else None)
     art = store.resolve(ref)
     pinned = f"{ref.base_name}@{art.sha256}"  # every row uses this version, whatever is uploaded meanwhile
-    compiled = [compile_steering(store, body.steering(pinned, w)) for w in body.strengths]
+    compiled = [compile_steering(state, body.steering(pinned, w))[0] for w in body.strengths]
     ids = await _prompt_ids(loaded.tokenizer, body)
     sweep_id = f"sweep-{uuid.uuid4().hex[:16]}"
     handles = _submit_rows(state, sweep_id, ids, body, compiled)
