@@ -55,6 +55,12 @@ class ServerConfig:
     max_batch_size: int = _option(8, "rows in the running batch")
     max_queue: int = _option(64, "requests waiting for a row; beyond it 429")
     max_new_tokens: int = _option(1024, "cap on max_new_tokens / max_tokens per request")
+    kv_cache_tokens: int = _option(
+        0, "KV cache capacity over all rows, in tokens (0: the context length, at least 1,024 per row)"
+    )
+    max_batched_tokens: int = _option(0, "tokens in one forward pass, decode plus prompt chunks (0: 2,048)")
+    max_lora_rank: int = _option(64, "rank of one LoRA artifact in a profile at most")
+    max_profile_rank: int = _option(128, "LoRA ranks of one profile summed at most")
     max_upload_bytes: int = _option(64 * 1024 * 1024, "size cap of an uploaded vector file")
     max_body_bytes: int = _option(1024 * 1024, "size cap of any other request body")
     body_timeout: float = _option(60.0, "seconds a client has to send the whole request body (then 408)")
@@ -83,6 +89,9 @@ class ServerConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value!r}")
+        for name in ("kv_cache_tokens", "max_batched_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 (automatic) or positive")
 
 
 #: Limits that must be positive.
@@ -98,6 +107,8 @@ _POSITIVE = (
     "max_connections",
     "max_vectors",
     "max_versions",
+    "max_lora_rank",
+    "max_profile_rank",
 )
 
 

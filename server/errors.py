@@ -28,6 +28,7 @@ __all__ = [
     "BodyTooLargeError",
     "ConflictError",
     "ErrorClass",
+    "GenerationFailedError",
     "NotReadyError",
     "UnknownProfileError",
     "UnknownVectorError",
@@ -88,6 +89,18 @@ class UnknownProfileError(KeyError):
         return str(self.args[0]) if self.args else "unknown profile"
 
 
+class GenerationFailedError(RuntimeError):
+    """A step of the engine failed for this request's rows (HTTP 500; other requests are unaffected).
+    The message names the request; ``detail`` (for the log) says what failed."""
+
+    def __init__(self, request_id: str, detail: str | None) -> None:
+        super().__init__(
+            f"generation failed inside the engine for request {request_id}; other requests are "
+            "unaffected and this one may be retried"
+        )
+        self.detail = f"request {request_id}: engine step failed: {detail or 'unknown error'}"
+
+
 class ArtifactTooLargeError(ArtifactError):
     """The upload exceeds the size cap; raised before anything is parsed (HTTP 413)."""
 
@@ -122,6 +135,7 @@ _CLASSES: list[tuple[type[BaseException] | tuple[type[BaseException], ...], Erro
     (ArtifactTooLargeError, ErrorClass(413, "request_too_large", "too_large")),
     (UnsupportedMediaTypeError, ErrorClass(415, "unsupported_media_type", "invalid")),
     (ConflictError, ErrorClass(409, "conflict", "conflict")),
+    (GenerationFailedError, ErrorClass(500, "internal_error", "other")),
     (BodyTimeoutError, ErrorClass(408, "request_timeout", "timeout", {"Connection": "close"})),
     (DrainingError, ErrorClass(503, "unavailable", "draining", _RETRY)),
     (NotReadyError, ErrorClass(503, "unavailable", "not_ready", _RETRY)),
@@ -173,6 +187,9 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         cls = classify(exc)
+        if isinstance(exc, GenerationFailedError):
+            log.error("%s", exc.detail)
+            return error_response(500, str(exc), cls.type)
         if cls.status == 500:
             log.exception("unhandled error", exc_info=exc)
             return error_response(500, "internal server error", cls.type)
@@ -205,5 +222,6 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         QueueFullError,
         DrainingError,
         NotReadyError,
+        GenerationFailedError,
     ):
         app.add_exception_handler(cls, handle)

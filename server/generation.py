@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from steering_vectors import CompiledProfile, Profile
 
 from .engine import GenerationResult, RequestHandle, SamplingParams
-from .errors import ConflictError
+from .errors import ConflictError, GenerationFailedError
 from .render import Renderer, steering_info
 from .schemas import Message, SteeringBody, SteeringInfo
 from .state import ServerState
@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 access_log = logging.getLogger("steerserve.requests")
+log = logging.getLogger("steerserve")
 
 SSE_MEDIA_TYPE = "text/event-stream"
 _INLINE_TOKENIZE_CHARS = 16_384
@@ -124,7 +125,8 @@ async def run_generation(
 ) -> BaseModel | StreamingResponse:
     """Submit ``gen``; the whole response, or an SSE stream of chunks ending in ``data: [DONE]``.
 
-    A client that disconnects cancels its request, which frees its row.
+    A client that disconnects cancels its request, which frees its rows. A failure inside the engine
+    fails only this request: a 500 answer, or on a stream an event ``{"error": {...}}`` then ``[DONE]``.
     """
     engine, _, _ = state.require_engine()
     handle = engine.submit(
@@ -136,40 +138,52 @@ async def run_generation(
     )
     state.metrics.steered(r["name"] for r in gen.compiled.resolved)
     if not gen.stream:
-        result = await _until_done(request, handle)
-        _log_request(state, gen, handle.id, result)
-        return renderer.response(result)
-
-    async def events() -> AsyncIterator[bytes]:
-        parts: list[str] = []
-        try:
-            async for ev in handle.events():
-                parts.append(ev.text)
-                if ev.finish_reason is not None:
-                    result = GenerationResult(
-                        "".join(parts),
-                        ev.finish_reason,
-                        ev.prompt_tokens,
-                        ev.completion_tokens,
-                        dict(handle.timings),
-                    )
-                    _log_request(state, gen, handle.id, result)
-                for chunk in renderer.chunks(ev):
-                    yield _sse(chunk)
-            yield _sse("[DONE]")
-        finally:
-            handle.cancel()  # no-op when finished; frees the row when the client went away
-
+        results = await _until_done(request, handle)
+        _log_request(state, gen, handle.id, results)
+        failed = next((r for r in results if r.finish_reason == "error"), None)
+        if failed is not None:
+            raise GenerationFailedError(handle.id, failed.error)
+        return renderer.response(results)
     return StreamingResponse(
-        events(),
+        _stream(state, gen, handle, renderer),
         media_type=SSE_MEDIA_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _until_done(request: Request, handle: RequestHandle) -> GenerationResult:
-    """Await the result; a client that disconnects cancels its request (frees its row)."""
-    task = asyncio.ensure_future(handle.result())
+async def _stream(
+    state: ServerState, gen: Generation, handle: RequestHandle, renderer: Renderer
+) -> AsyncIterator[bytes]:
+    """The SSE events of a streamed request; a failed sample ends the stream with an error event."""
+    parts: dict[int, list[str]] = {}
+    finished: list[GenerationResult] = []
+    try:
+        async for ev in handle.events():
+            parts.setdefault(ev.index, []).append(ev.text)
+            if ev.finish_reason is not None:
+                text = "".join(parts[ev.index])
+                finished.append(
+                    GenerationResult(
+                        text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, dict(handle.timings)
+                    )
+                )
+            if ev.finish_reason == "error":
+                err = GenerationFailedError(handle.id, ev.error)
+                log.error("%s", err.detail)
+                body = {"error": {"message": str(err), "type": "internal_error", "code": 500}}
+                yield _sse(json.dumps(body))
+                break
+            for chunk in renderer.chunks(ev):
+                yield _sse(chunk)
+        _log_request(state, gen, handle.id, finished)
+        yield _sse("[DONE]")
+    finally:
+        handle.cancel()  # no-op when finished; frees the rows when the client went away or a sample failed
+
+
+async def _until_done(request: Request, handle: RequestHandle) -> list[GenerationResult]:
+    """Await every sample's result; a client that disconnects cancels its request (frees its rows)."""
+    task = asyncio.ensure_future(handle.results())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
@@ -188,7 +202,12 @@ def _sse(data: BaseModel | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def _log_request(state: ServerState, gen: Generation, request_id: str, result: GenerationResult) -> None:
+def _log_request(
+    state: ServerState, gen: Generation, request_id: str, results: list[GenerationResult]
+) -> None:
+    if not results:
+        return
+    result = results[0]
     record: dict[str, Any] = {
         "event": "request",
         "id": request_id,
@@ -196,8 +215,9 @@ def _log_request(state: ServerState, gen: Generation, request_id: str, result: G
         "fingerprint": gen.compiled.fingerprint,
         "vectors": [r["name"] for r in gen.compiled.resolved],
         "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
+        "completion_tokens": sum(r.completion_tokens for r in results),
         "finish_reason": result.finish_reason,
+        **({"finish_reasons": [r.finish_reason for r in results]} if len(results) > 1 else {}),
         "ttft_s": round(result.timings.get("ttft", 0.0), 6),
         "total_s": round(result.timings.get("total", 0.0), 6),
     }

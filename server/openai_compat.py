@@ -3,13 +3,15 @@
 Every documented OpenAI parameter either works or is refused with 400 naming it. The request models keep
 fields they do not declare (``model_extra``); here each one is either
 
-- a documented parameter this server does not serve (tools, response formats, logprobs, penalties...):
-  accepted only with the value that asks for nothing (``tools: []``, ``response_format: {"type": "text"}``,
-  ``presence_penalty: 0``...), refused with 400 otherwise;
+- a documented parameter this server does not serve (tools, response formats, ``suffix``, beam search,
+  guided decoding...): accepted only with the value that asks for nothing (``tools: []``,
+  ``response_format: {"type": "text"}``, ``use_beam_search: false``...), refused with 400 otherwise;
 - an identifier that does not change the output (``prompt_cache_key``, ``safety_identifier``): accepted;
 - anything else: ignored, and named in a warning in the log (as vLLM does).
 
-A parameter the request models declare (and so the engine serves) never reaches this table.
+A parameter the request models declare (and so the engine serves: ``n``, ``logprobs``/``top_logprobs``,
+the penalties, ``logit_bias``, ``min_p``, ``min_tokens``, ``ignore_eos``, ``seed``...) never reaches this
+table.
 """
 
 from __future__ import annotations
@@ -37,10 +39,6 @@ def _false(v: Any) -> bool:
     return v is None or v is False
 
 
-def _zero(v: Any) -> bool:
-    return v is None or (not isinstance(v, bool) and v == 0)
-
-
 #: documented (or vLLM-standard) parameters not served here -> the values that ask for nothing
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "tools": _empty,
@@ -49,11 +47,6 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v is None or v == "none",
     "parallel_tool_calls": _none,
     "response_format": lambda v: v is None or v == {"type": "text"},
-    "logprobs": _false,
-    "top_logprobs": _zero,
-    "logit_bias": _empty,
-    "presence_penalty": _zero,
-    "frequency_penalty": _zero,
     "suffix": lambda v: v is None or v == "",
     "store": _false,
     "metadata": _empty,
@@ -64,10 +57,6 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "verbosity": _none,
     "web_search_options": _none,
     "service_tier": lambda v: v in (None, "auto", "default"),
-    "min_p": _zero,
-    "repetition_penalty": lambda v: v is None or v == 1,
-    "min_tokens": _zero,
-    "ignore_eos": _false,
     "use_beam_search": _false,
     "guided_json": _none,
     "guided_regex": _none,

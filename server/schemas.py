@@ -8,6 +8,7 @@ Token budget of a generation request (one home for each default; every budget is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,43 +17,37 @@ from .engine import SamplingParams
 from .vector_dir import VectorInfo
 
 __all__ = [
-    "ChatChoice",
-    "ChatChunkChoice",
-    "ChatCompletion",
-    "ChatCompletionChunk",
-    "ChatCompletionRequest",
-    "ChatDelta",
-    "ChatMessage",
-    "Completion",
-    "CompletionChoice",
-    "CompletionChunk",
-    "CompletionRequest",
     "Deleted",
+    "BUDGET_HELP",
     "ErrorBody",
     "ErrorDetail",
+    "documented_range",
+    "FinishReason",
     "GenerateChunk",
     "GenerateRequest",
     "GenerateResponse",
     "Message",
     "ModelCard",
     "ModelList",
-    "OpenAIUsage",
     "ProfileBody",
     "ProfileEntry",
     "ProfileInfo",
     "ProfileList",
     "ResolvedVector",
+    "SamplingBody",
     "SavedSteering",
     "SteeringBody",
     "SteeringInfo",
     "Status",
+    "Stop",
+    "TokenLogprobInfo",
+    "TopLogprob",
     "Usage",
     "VectorEntry",
     "VectorList",
 ]
 
-#: "error": the engine step that ran the request failed (its rows end, the server carries on)
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 # ---- requests -------------------------------------------------------------------------------------------
@@ -101,22 +96,54 @@ class Message(BaseModel):
         return "".join(str(p.get("text", "")) for p in self.content)
 
 
+def documented_range(lo: float, hi: float) -> dict[str, float]:
+    """A documented range the engine checks (400 naming the field), not the schema (422)."""
+    return {"minimum": lo, "maximum": hi}
+
+
 Steering = str | SteeringBody | None
 Stop = str | list[str] | None
-_BUDGET = "at most --max-new-tokens; when not given: {} (lowered to --max-new-tokens)"
+BUDGET_HELP = "at most --max-new-tokens; when not given: {} (lowered to --max-new-tokens)"
 
 
-class _Sampling(BaseModel):
-    """Decoding settings every generation route takes."""
+class SamplingBody(BaseModel):
+    """Decoding settings every generation route takes (SPEC §9.1). Ranges are checked by the engine's
+    ``SamplingParams`` (400 naming the field); a setting left out takes the model's
+    ``generation_config.json`` value, else the built-in one (the route's ``default_temperature``)."""
 
     default_temperature: ClassVar[float] = 1.0  # OpenAI's default; /generate is greedy by default
     default_max_tokens: ClassVar[int]  # the route's token budget when the request names none
 
     temperature: float | None = Field(default=None, ge=0.0, le=100.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, description="0: no limit")
+    min_p: float | None = Field(default=None, description="0…1", json_schema_extra=documented_range(0, 1))
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: Stop = None
+    presence_penalty: float | None = Field(
+        default=None, description="-2…2", json_schema_extra=documented_range(-2, 2)
+    )
+    frequency_penalty: float | None = Field(
+        default=None, description="-2…2", json_schema_extra=documented_range(-2, 2)
+    )
+    repetition_penalty: float | None = Field(
+        default=None, description="> 0 (1: none)", json_schema_extra={"exclusiveMinimum": 0, "maximum": 100}
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        description="token id -> bias added to its logit (-100…100, at most 300 entries)",
+        json_schema_extra={
+            "maxProperties": 300,
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": {"type": "number", **documented_range(-100, 100)},
+        },
+    )
+    min_tokens: int | None = Field(
+        default=None,
+        description="no EOS or stop string before this many (<= the token budget)",
+        json_schema_extra={"minimum": 0},
+    )
+    ignore_eos: bool = False
     stream: bool = False
     steering: Steering = None
 
@@ -124,21 +151,54 @@ class _Sampling(BaseModel):
         """The token budget the request names, if any."""
         raise NotImplementedError
 
-    def sampling(self, cap: int) -> SamplingParams:
-        """The engine's settings for this request; ``cap`` is ``--max-new-tokens``."""
+    def logprob_request(self) -> tuple[bool, int]:
+        """Whether log-probabilities are asked for, and how many alternatives per token."""
+        return False, 0
+
+    def samples(self) -> int:
+        """How many samples (OpenAI ``n``)."""
+        return 1
+
+    def sampling(self, cap: int, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """The engine's settings for this request; ``cap`` is ``--max-new-tokens``, ``model_defaults``
+        the model's generation-config values (they win over the route's default temperature)."""
         asked = self.asked_tokens()
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        temperature = self.temperature
+        if temperature is None:
+            temperature = (model_defaults or {}).get("temperature", self.default_temperature)
+        logprobs, top = self.logprob_request()
         return SamplingParams(
             max_new_tokens=min(self.default_max_tokens, cap) if asked is None else asked,
-            temperature=self.default_temperature if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            temperature=temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
             seed=self.seed,
             stop=stops,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=_token_bias(self.logit_bias),
+            min_tokens=self.min_tokens or 0,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top,
+            n=self.samples(),
         )
 
 
-class GenerateRequest(_Sampling):
+def _token_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """``logit_bias`` keyed by token id (JSON keys are strings); ``ValueError`` naming a bad key."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not key.strip().isdigit():
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r:.40}")
+        out[int(key)] = value
+    return out
+
+
+class GenerateRequest(SamplingBody):
     """``POST /generate``: exactly one of ``prompt`` or ``messages``; greedy unless a temperature is given."""
 
     model_config = ConfigDict(extra="forbid")
@@ -148,55 +208,21 @@ class GenerateRequest(_Sampling):
     prompt: str | None = None
     messages: list[Message] | None = Field(default=None, min_length=1, max_length=1024)
     max_new_tokens: int = Field(
-        default=default_max_tokens, ge=1, description=_BUDGET.format(default_max_tokens)
+        default=default_max_tokens, ge=1, description=BUDGET_HELP.format(default_max_tokens)
+    )
+
+    logprobs: bool = Field(default=False, description="each token's log-probability in the response")
+    top_logprobs: int = Field(
+        default=0,
+        description="alternatives per token (at most 20; needs logprobs)",
+        json_schema_extra=documented_range(0, 20),
     )
 
     def asked_tokens(self) -> int | None:
         return self.max_new_tokens if "max_new_tokens" in self.model_fields_set else None
 
-
-class _OpenAIBase(_Sampling):
-    """What both OpenAI routes take. Other fields are kept (``model_extra``): documented OpenAI parameters
-    this server does not serve are refused by name, unknown ones ignored with a warning in the log."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    n: int = Field(default=1, ge=1)
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
-
-    @property
-    def include_usage(self) -> bool:
-        """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class ChatCompletionRequest(_OpenAIBase):
-    """``POST /v1/chat/completions`` (the subset of OpenAI's body that applies)."""
-
-    default_max_tokens: ClassVar[int] = 256
-
-    messages: list[Message] = Field(min_length=1, max_length=1024)
-    max_tokens: int | None = Field(default=None, ge=1, description=_BUDGET.format(default_max_tokens))
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="overrides max_tokens")
-
-    def asked_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-
-class CompletionRequest(_OpenAIBase):
-    """``POST /v1/completions``."""
-
-    default_max_tokens: ClassVar[int] = 16
-
-    prompt: str | list[str]
-    max_tokens: int | None = Field(
-        default=default_max_tokens, ge=1, description=_BUDGET.format(default_max_tokens)
-    )
-    echo: bool = False
-
-    def asked_tokens(self) -> int | None:
-        return self.max_tokens if "max_tokens" in self.model_fields_set else None
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs, self.top_logprobs
 
 
 # ---- responses ------------------------------------------------------------------------------------------
@@ -226,10 +252,6 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
-class OpenAIUsage(Usage):
-    total_tokens: int
-
-
 class ResolvedVector(BaseModel):
     """One resolved entry of the steering applied: the version used, its strength, layers and positions."""
 
@@ -252,11 +274,26 @@ class SteeringInfo(BaseModel):
     )
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprobInfo(BaseModel):
+    """A generated token, its log-probability (``log_softmax`` of the model's logits, steering included,
+    before penalties and temperature) and the ``top_logprobs`` most likely tokens."""
+
+    token: str
+    logprob: float
+    top: list[TopLogprob]
+
+
 class GenerateResponse(BaseModel):
     text: str
     finish_reason: FinishReason
     usage: Usage
     steering: SteeringInfo
+    logprobs: list[TokenLogprobInfo] | None = Field(default=None, description="with logprobs: true")
 
 
 class GenerateChunk(BaseModel):
@@ -266,74 +303,7 @@ class GenerateChunk(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     steering: SteeringInfo | None = None
-
-
-class ChatMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessage
-    finish_reason: FinishReason
-    logprobs: None
-
-
-class ChatDelta(BaseModel):
-    content: str | None = None
-    role: Literal["assistant"] | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    finish_reason: FinishReason | None
-    logprobs: None
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: FinishReason | None
-    logprobs: None
-
-
-class _OpenAIObject(BaseModel):
-    """What OpenAI's completion objects and their stream chunks share. In a stream, the last choice chunk
-    carries the steering block and a usage chunk (no choices) follows when ``include_usage`` asks."""
-
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[Any]
-    usage: OpenAIUsage | None = None
-    steering: SteeringInfo | None = None
-
-
-class ChatCompletion(_OpenAIObject):
-    object: Literal["chat.completion"]
-    choices: list[ChatChoice]
-    usage: OpenAIUsage
-    steering: SteeringInfo
-
-
-class ChatCompletionChunk(_OpenAIObject):
-    object: Literal["chat.completion.chunk"]
-    choices: list[ChatChunkChoice]
-
-
-class Completion(_OpenAIObject):
-    object: Literal["text_completion"]
-    choices: list[CompletionChoice]
-    usage: OpenAIUsage
-    steering: SteeringInfo
-
-
-class CompletionChunk(_OpenAIObject):
-    object: Literal["text_completion"]
-    choices: list[CompletionChoice]
+    logprobs: list[TokenLogprobInfo] | None = None
 
 
 class ProfileEntry(BaseModel):

@@ -67,7 +67,11 @@ class ServerState:
         loaded = loaded or load_model(
             cfg.model, quantization=cfg.quantization, dtype=cfg.dtype, device=cfg.device
         )
-        hooks = install_steering(loaded.model, max_slots=max(2 * cfg.max_batch_size + 1, 16))
+        hooks = install_steering(
+            loaded.model,
+            max_slots=max(2 * cfg.max_batch_size + 1, 16),
+            max_profile_rank=cfg.max_profile_rank,
+        )
         store = VectorStore(
             cfg.vector_dir,
             hooks.layout,
@@ -76,6 +80,7 @@ class ServerState:
             max_versions=cfg.max_versions,
             model_names=None if cfg.allow_model_mismatch else (loaded.model_id, loaded.path.name),
             reserved_names=(cfg.served_model_name or loaded.model_id,),
+            rank_limits={"max_lora_rank": cfg.max_lora_rank, "max_profile_rank": cfg.max_profile_rank},
         )
         if cfg.fold:
             try:
@@ -99,6 +104,8 @@ class ServerState:
             max_batch_size=cfg.max_batch_size,
             max_queue=cfg.max_queue,
             max_new_tokens_cap=cfg.max_new_tokens,
+            kv_cache_tokens=cfg.kv_cache_tokens or None,
+            max_batched_tokens=cfg.max_batched_tokens or None,
             observer=self.metrics,
         )
 

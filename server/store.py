@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -63,7 +63,8 @@ class VectorStore:
     are :class:`IncompatibleArtifactError`, and so are those whose ``model_type`` or ``base_model`` names
     another model, unless ``model_names`` (the names ``base_model`` may carry) is None. ``max_bytes`` caps
     an upload, ``cache_bytes`` the artifact cache; ``reserved_names`` may not name a profile; ``folded`` is
-    the profile folded into the served model. Thread- and process-safe; one artifact is parsed at a time.
+    the profile folded into the served model; ``rank_limits`` (``max_lora_rank``, ``max_profile_rank``)
+    bound a compiled profile's LoRA. Thread- and process-safe; one artifact is parsed at a time.
     """
 
     def __init__(
@@ -77,13 +78,14 @@ class VectorStore:
         max_versions: int = 20,
         model_names: Sequence[str] | None = None,
         reserved_names: Sequence[str] = (),
+        rank_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.dir = VectorDir(root)
         self.layout = layout
         self.max_bytes = int(max_bytes)
         self.max_vectors, self.max_versions = int(max_vectors), int(max_versions)
         self.model_names = None if model_names is None else {_short(n) for n in model_names}
-        self.reserved_names = frozenset(reserved_names)
+        self.reserved_names, self.rank_limits = frozenset(reserved_names), dict(rank_limits or {})
         self.folded: str | None = None
         self._linear_shapes = layout.linear_shapes()
         self._lock = threading.RLock()  # in-memory state: _entries, _profiles, _cache
@@ -434,16 +436,14 @@ class VectorStore:
     # ------------------------------------------------------------------ compile
 
     def compile(self, profile: Profile) -> CompiledProfile:
-        """Resolve every entry of ``profile`` (pins included) and compile it for the served model.
-
-        Raises like :meth:`resolve`; the result carries the fingerprint and the resolved versions. The
-        empty profile compiles to the identity.
-        """
+        """Resolve every entry of ``profile`` (pins included) and compile it for the served model; raises
+        like :meth:`resolve`. The result carries the fingerprint and the resolved versions."""
         self.refresh()
         return self._compile(profile)
 
     def _compile(self, profile: Profile) -> CompiledProfile:
         entries = [(ref, self._resolve(ref)) for ref in profile.vectors]
+        layout = self.layout
         return compile_profile(
-            entries, num_layers=self.layout.num_layers, hidden_size=self.layout.hidden_size
+            entries, num_layers=layout.num_layers, hidden_size=layout.hidden_size, **self.rank_limits
         )

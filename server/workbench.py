@@ -31,8 +31,9 @@ from steering_vectors.compute import compute_from_texts, last_token_states
 from steering_vectors.profile import check_name
 
 from .engine import GenerationResult, QueueFullError, RequestHandle
+from .errors import GenerationFailedError
 from .generation import compile_steering, encode, encode_chat
-from .render import steering_info
+from .render import generate_logprobs, steering_info
 from .schemas import Usage
 from .state import ServerState
 from .vector_dir import VectorInfo
@@ -134,8 +135,6 @@ def _submit_rows(
 async def run_sweep(state: ServerState, request: Request, body: SweepRequest) -> SweepResponse:
     """Run ``body``'s k strengths as k rows of one batch; the rows in the order of the strengths."""
     engine, store, loaded = state.require_engine()
-    if body.logprobs:
-        raise ValueError("'logprobs' is not supported by this server's engine yet; send the sweep without it")
     k = len(body.strengths)
     if k > engine.max_batch_size:
         raise ValueError(
@@ -150,6 +149,9 @@ async def run_sweep(state: ServerState, request: Request, body: SweepRequest) ->
     handles = _submit_rows(state, sweep_id, ids, body, compiled)
     state.metrics.steered([ref.base_name])
     results = await _all_results(request, handles)
+    failed = next((r for r in results if r.finish_reason == "error"), None)
+    if failed is not None:
+        raise GenerationFailedError(sweep_id, failed.error)
     rows = [
         SweepRow(
             strength=w,
@@ -157,6 +159,7 @@ async def run_sweep(state: ServerState, request: Request, body: SweepRequest) ->
             finish_reason=r.finish_reason,  # type: ignore[arg-type]
             usage=Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens),
             steering=steering_info(c),
+            logprobs=generate_logprobs(r.logprobs) if body.logprobs else None,
         )
         for w, r, c in zip(body.strengths, results, compiled, strict=True)
     ]

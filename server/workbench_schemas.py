@@ -11,7 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from steering_vectors.compute import MAX_PAIRS, MIN_PAIRS
 
 from .engine import SamplingParams
-from .schemas import FinishReason, Message, SteeringBody, SteeringInfo, Stop, Usage, VectorEntry
+from .schemas import (
+    FinishReason,
+    Message,
+    SteeringBody,
+    SteeringInfo,
+    Stop,
+    TokenLogprobInfo,
+    Usage,
+    VectorEntry,
+    documented_range,
+)
 
 __all__ = [
     "MAX_SWEEP_STRENGTHS",
@@ -46,7 +56,7 @@ class SweepRequest(BaseModel):
         min_length=1,
         max_length=MAX_SWEEP_STRENGTHS,
         description="k strengths; 0 is the unsteered reply",
-        json_schema_extra={"items": {"type": "number", "minimum": -MAX_STRENGTH, "maximum": MAX_STRENGTH}},
+        json_schema_extra={"items": {"type": "number", **documented_range(-MAX_STRENGTH, MAX_STRENGTH)}},
     )
     layers: list[int] | None = Field(default=None, max_length=1024)
     positions: Positions = "all"
@@ -56,7 +66,12 @@ class SweepRequest(BaseModel):
     top_k: int = Field(default=0, ge=0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: Stop = None
-    logprobs: bool = Field(default=False, description="per-token log-probabilities (refused until supported)")
+    logprobs: bool = Field(default=False, description="each row's per-token log-probabilities")
+    top_logprobs: int = Field(
+        default=0,
+        description="alternatives per token (at most 20; needs logprobs)",
+        json_schema_extra=documented_range(0, 20),
+    )
 
     @field_validator("strengths")
     @classmethod
@@ -82,6 +97,8 @@ class SweepRequest(BaseModel):
             top_k=self.top_k,
             seed=self.seed,
             stop=stops,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
         )
 
 
@@ -93,6 +110,7 @@ class SweepRow(BaseModel):
     finish_reason: FinishReason
     usage: Usage
     steering: SteeringInfo
+    logprobs: list[TokenLogprobInfo] | None = Field(default=None, description="with logprobs: true")
 
 
 class SweepVector(BaseModel):

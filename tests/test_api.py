@@ -234,7 +234,7 @@ def test_invalid_input_is_400(make_server):
     bad("/generate", {"prompt": "", "max_new_tokens": 3}, "empty")
     bad("/generate", {"prompt": "Hi", "stop": [f"s{i}" for i in range(9)]}, "stop")
     bad("/generate", {"prompt": "Hi", "stop": [""]}, "stop")
-    bad("/v1/chat/completions", {"messages": msgs, "n": 2}, "'n'")
+    bad("/v1/chat/completions", {"messages": msgs, "n": 17}, "n must be")
     bad("/v1/completions", {"prompt": ["a", "b"]}, "single prompt")
     # bad uploads
     for name, data, needle in (

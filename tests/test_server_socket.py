@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from steering_vectors import Artifact
-from tests.helpers import free_port, metric, wait_for
+from tests.helpers import free_port, metric, smollm2_tokenizer, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -194,6 +194,56 @@ def test_openai_client_chat_streaming_and_extra_body_steering(live):
     assert completion.object == "text_completion"
     assert completion.choices[0].text
     assert completion.model_extra["steering"]["vectors"][0]["name"] == "sea-strong"
+
+
+def test_openai_client_logprobs_n_and_sampling_settings(live):
+    """What the engine samples with reaches the official client in its own types: log-probabilities
+    (chat and completions, whole and streamed), n seeded samples as choices, penalties and logit_bias."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=0, timeout=120)
+    base = client.models.list().data[0].id
+    greedy = {"model": base, "messages": SEA, "max_tokens": 6, "temperature": 0}
+    whole = client.chat.completions.create(**greedy, logprobs=True, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    for tok in content:  # greedy: the chosen token is the most likely one
+        assert len(tok.top_logprobs) == 3 and tok.logprob == tok.top_logprobs[0].logprob <= 0
+        assert tok.bytes == list(tok.token.encode())
+    streamed = [
+        t
+        for c in client.chat.completions.create(**greedy, logprobs=True, top_logprobs=3, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+    comp = client.completions.create(model=base, prompt="The sea is", max_tokens=5, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == comp.usage.completion_tokens
+    assert "".join(lp.tokens) == comp.choices[0].text and all(len(d) <= 2 for d in lp.top_logprobs)
+
+    sampled = {**greedy, "temperature": 1.0, "seed": 5, "n": 3}
+    first, again = (client.chat.completions.create(**sampled) for _ in range(2))
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]
+    assert first.usage.completion_tokens == sum(
+        len(c.logprobs.content) for c in client.chat.completions.create(**sampled, logprobs=True).choices
+    )
+
+    banned = content[0].token  # ban the greedy first token: the reply must start otherwise
+    tok_id = smollm2_tokenizer().encode(banned, add_special_tokens=False)
+    assert len(tok_id) == 1
+    biased = client.chat.completions.create(
+        **greedy,
+        logit_bias={str(tok_id[0]): -100},
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.3, "min_p": 0.05, "min_tokens": 2},
+    )
+    reply = biased.choices[0].message.content
+    assert reply and not reply.startswith(banned)
 
 
 # ---- concurrency: a request's text does not depend on what shares its batch ------------------------------

@@ -142,10 +142,31 @@ def test_sweep_with_messages_layers_positions_and_a_pinned_version(make_server):
         assert row["text"] == want["text"] and row["steering"] == want["steering"]
 
 
+def test_sweep_rows_carry_the_logprobs_of_the_same_requests_one_by_one(make_server):
+    state, client = make_server()
+    upload(client, "v", add_artifact(state.loaded.model, norm=8.0))
+    asked = {"prompt": PROMPT, "max_new_tokens": 4, "logprobs": True, "top_logprobs": 2}
+    res = client.post("/v1/sweep", json={**asked, "vector": "v", "strengths": [0.0, 1.0]}).json()
+    firsts = []
+    for w, row in zip((0.0, 1.0), res["results"], strict=True):
+        steering = {"vectors": [{"name": "v", "strength": w}]}
+        want = client.post("/generate", json={**asked, "steering": steering}).json()
+        assert len(row["logprobs"]) == row["usage"]["completion_tokens"] == 4
+        assert [x["token"] for x in row["logprobs"]] == [x["token"] for x in want["logprobs"]]
+        assert all(len(x["top"]) == 2 for x in row["logprobs"])
+        got = torch.tensor([x["logprob"] for x in row["logprobs"]])
+        torch.testing.assert_close(
+            got, torch.tensor([x["logprob"] for x in want["logprobs"]]), atol=1e-4, rtol=0
+        )
+        firsts.append(row["logprobs"][0]["logprob"])
+    assert firsts[0] != firsts[1]  # the vector moved the log-probabilities
+
+
 @pytest.mark.parametrize(
     ("change", "status", "match"),
     [
-        ({"logprobs": True}, 400, "'logprobs' is not supported"),
+        ({"top_logprobs": 3}, 400, "top_logprobs needs logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs must be"),
         ({"strengths": [1.0] * 9}, 400, "9 rows do not fit one batch of --max-batch-size 8"),
         ({"strengths": [1.0] * 17}, 422, "strengths"),
         ({"strengths": [1e9]}, 422, "within ±100"),

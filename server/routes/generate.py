@@ -21,10 +21,11 @@ async def generate(
     body: GenerateRequest, request: Request, state: State
 ) -> GenerateResponse | StreamingResponse:
     """Generate from a prompt or a conversation, optionally steered (greedy unless a temperature is given)."""
-    _, _, loaded = api(state, request)
+    engine, _, loaded = api(state, request)
     if (body.prompt is None) == (body.messages is None):
         raise ValueError("give exactly one of 'prompt' or 'messages'")
     check_messages(body.messages or [])
+    params = body.sampling(state.config.max_new_tokens, engine.defaults)
     tok = loaded.tokenizer
     ids = (
         await encode(tok, body.prompt)
@@ -32,6 +33,5 @@ async def generate(
         else await encode_chat(tok, body.messages or [])
     )
     compiled, info = compile_steering(state, body.steering)
-    params = body.sampling(state.config.max_new_tokens)
     gen = Generation("/generate", ids, params, compiled, body.stream, body.prompt)
-    return await run_generation(state, request, gen, GenerateRenderer(info))
+    return await run_generation(state, request, gen, GenerateRenderer(info, logprobs=params.logprobs))

@@ -13,18 +13,16 @@ from pydantic import BaseModel
 from ..errors import UnknownProfileError
 from ..generation import Generation, compile_steering, encode, encode_chat, request_id, run_generation
 from ..openai_compat import check_messages, check_openai_params
-from ..render import ChatRenderer, CompletionRenderer
-from ..schemas import (
+from ..openai_schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
     CompletionChunk,
     CompletionRequest,
-    ModelCard,
-    ModelList,
-    SavedSteering,
 )
+from ..render import ChatRenderer, CompletionRenderer
+from ..schemas import ModelCard, ModelList, SavedSteering
 from ..state import ServerState
 from .common import State, api, errors, generation_route
 
@@ -48,9 +46,7 @@ def _profile_of(state: ServerState, model: str | None) -> str | None:
 def _admit(state: ServerState, request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
     """Readiness, then the OpenAI parameters this server does not serve (refused by name)."""
     api(state, request)
-    check_openai_params(body, request_id(request))
-    if body.n != 1:
-        raise ValueError("parameter 'n' must be 1 on this server")
+    check_openai_params(body, request_id(request), body.n)
 
 
 async def _complete(
@@ -64,13 +60,17 @@ async def _complete(
     **options: str,
 ) -> BaseModel | StreamingResponse:
     """Resolve the steering (``model`` may name a saved profile), then generate, rendered OpenAI's way."""
+    engine, _, _ = state.require_engine()
+    params = body.sampling(state.config.max_new_tokens, engine.defaults)
     compiled, info = compile_steering(state, body.steering, _profile_of(state, body.model))
-    params = body.sampling(state.config.max_new_tokens)
     render = renderer(
         id=request_id(request),
         steering=info,
         model=body.model or state.model_id,
         include_usage=body.include_usage,
+        n=params.n,
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
         **options,
     )
     gen = Generation(route, ids, params, compiled, body.stream, prompt_text)
@@ -100,6 +100,8 @@ async def completions(
         if len(prompt) != 1:
             raise ValueError("only a single prompt per request is supported")
         prompt = prompt[0]
+    if body.echo and body.logprobs is not None:
+        raise ValueError("'echo' together with 'logprobs' is not supported (no prompt log-probabilities)")
     ids = await encode(state.require_engine()[2].tokenizer, prompt)
     echo = prompt if body.echo else ""
     return await _complete(
