@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed
 
 LINTED := basemodel server steering_vectors steerserve training tests bench
 BENCH_STAMP := $(VENV)/.bench-installed
+GUIDELLM_VENV := .venv-guidellm
+GUIDELLM_STAMP := $(GUIDELLM_VENV)/.installed
 PEERS  := steering-vectors==0.12.2 repeng==0.4.0
 
 .PHONY: install serve test lint bench bench-deps eval clean system-deps
@@ -62,7 +64,14 @@ $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps --upgrade --target bench/.peers $(PEERS)
 	touch $(BENCH_STAMP)
 
-bench-deps: $(BENCH_STAMP)
+# guidellm (the load generator of bench/bench_peers_http.py) pins clash with ours: its own venv.
+$(GUIDELLM_STAMP):
+	python3 -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install -q torch==2.13.0
+	$(GUIDELLM_VENV)/bin/pip install -q guidellm==0.8.1
+	touch $(GUIDELLM_STAMP)
+
+bench-deps: $(BENCH_STAMP) $(GUIDELLM_STAMP)
 
 # the serving benchmarks (< 15 min): bench/out/{hooks,serving}.json and serving.png
 bench: bench-deps
@@ -75,4 +84,4 @@ eval: bench-deps
 	$(PY) bench/eval_alignment.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache bench/.peers
+	rm -rf $(VENV) $(GUIDELLM_VENV) .pytest_cache .ruff_cache bench/.peers

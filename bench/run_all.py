@@ -7,6 +7,8 @@ bench_engine.py  the engine at its limits: decode step vs context, a long prompt
 bench_serving.py steering overhead at batch 1 and 8, distinct profiles, continuous vs static batching,
                  the peer libraries, HTTP vs in-process, resident memory (bench/out/serving.{json,png})
 bench_sweep.py   POST /v1/sweep with 8 strengths vs one request of the same length (bench/out/sweep.json)
+bench_peers_http.py  steerserve serve vs transformers serve --continuous-batching over HTTP, driven by
+                 guidellm at concurrency 1, 8, 16 and with a 3-vector profile (bench/out/peers_http.json)
 
 All run with one OpenMP thread (OMP_NUM_THREADS=1 unless set): on a small shared machine the default
 thread team spin-waits against other processes and makes every figure several times noisier.
@@ -28,6 +30,7 @@ RUNS = [
     ["bench_engine.py", "--rounds", "3"],
     ["bench_serving.py", "--rounds", "5", "--tokens", "32"],
     ["bench_sweep.py", "--rounds", "6", "--tokens", "32"],
+    ["bench_peers_http.py", "--rounds", "2"],
 ]
 
 
