@@ -149,7 +149,7 @@ class SteerserveReplica:
 
     async def _report_forever(self) -> None:
         """Report to the registry every REPORT_INTERVAL_S seconds; follow its mode (drain, cancel)."""
-        cancelled = False
+        cancelled, reported = False, True
         while True:
             engine = self.state.engine
             idle = engine is None or engine.idle()
@@ -157,9 +157,11 @@ class SteerserveReplica:
                 mode = await self.registry.report.remote(
                     self.replica_id, self.endpoint.url, self.state.draining, idle
                 )
-            except ray.exceptions.RayError as e:  # the registry restarts or the application goes away
-                log.warning("replica %s: cannot report to the registry: %s", self.replica_id, e)
-                mode = "serve"
+                reported = True
+            except ray.exceptions.RayError as e:  # the application is going away, or its registry died
+                if reported:  # once per outage, not twice a second
+                    log.warning("replica %s: cannot report to the registry: %s", self.replica_id, e)
+                mode, reported = "serve", False
             if mode != "serve" and not self.state.draining:
                 log.info("replica %s: draining (in flight: finish; new: 503)", self.replica_id)
                 self.state.begin_drain()
