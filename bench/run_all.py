@@ -3,6 +3,8 @@
 bench_hooks.py   decode-step cost of idle and steered hooks
 bench_serving.py steering overhead at batch 1 and 8, distinct profiles, continuous vs static batching,
                  the peer libraries, HTTP vs in-process, resident memory (bench/out/serving.{json,png})
+bench_replicas.py Ray Serve scale-out: 2 replicas vs 1 at concurrency 16, the proxy's cost at
+                 concurrency 1 (bench/out/replicas.json)
 
 Both run with one OpenMP thread (OMP_NUM_THREADS=1 unless set): on a small shared machine the default
 thread team spin-waits against other processes and makes every figure several times noisier.
@@ -22,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = [
     ["bench_hooks.py", "--rounds", "12", "--steps", "32", "--profile"],
     ["bench_serving.py", "--rounds", "5", "--tokens", "32"],
+    ["bench_replicas.py", "--rounds", "3", "--tokens", "32"],
 ]
 
 
