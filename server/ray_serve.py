@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -103,6 +104,22 @@ def _fresh_registry(config: ServerConfig, app_name: str) -> object:
     return registry_actor(app_name, sd_file=config.metrics_sd_file, pin_here=True)
 
 
+def _failure(error: RuntimeError) -> str:
+    """One line: the replicas' own reason (their constructor's ``RuntimeError``, e.g. the model that
+    cannot load), from the deployment's status, else Ray's message."""
+    import ray
+    from ray import serve
+
+    from .ray_app import APP_NAME, DEPLOYMENT
+
+    try:
+        message = serve.status().applications[APP_NAME].deployments[DEPLOYMENT].message
+    except (KeyError, ray.exceptions.RayError):
+        message = ""
+    reasons = re.findall(r"RuntimeError: (?!Traceback)(.+)", message)
+    return " ".join((reasons[-1] if reasons else str(error)).split())[:500]
+
+
 def serve_replicas(config: ServerConfig) -> None:
     """Serve ``config`` as ``config.replicas`` Ray Serve replicas until a signal drains them.
 
@@ -129,8 +146,7 @@ def serve_replicas(config: ServerConfig) -> None:
         try:
             serve.run(build_application(config), name=APP_NAME, route_prefix="/")
         except RuntimeError as e:
-            reason = " ".join(str(e).split())[:500]
-            raise SystemExit(f"steerserve: error: the replicas did not start: {reason}") from None
+            raise SystemExit(f"steerserve: error: the replicas did not start: {_failure(e)}") from None
         host = config.host or "0.0.0.0"
         log.info("%d replicas serving on http://%s:%d", config.replicas, host, config.port)
         signals.wait()

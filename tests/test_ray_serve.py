@@ -427,3 +427,17 @@ def test_sigterm_drains_every_replica(cluster):
 def assert_draining(r: httpx.Response) -> None:
     assert r.status_code == 503, r.text
     assert "draining" in r.json()["error"]["message"]
+
+
+def test_a_model_that_cannot_load_stops_serve_with_the_replicas_reason(tmp_path):
+    """SPEC §9.3 with replicas: no application that is alive but never ready; the reason in one line."""
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()  # exists (the driver's own check passes), but holds no model: the replicas fail
+    cmd = [str(Path(sys.executable).parent / "steerserve"), "serve", "--replicas", "1", "--model", str(empty)]
+    cmd += ["--port", str(free_port()), "--vector-dir", str(tmp_path / "vectors")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEERSERVE_", "RAY_ADDRESS"))}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=START_TIMEOUT)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("steerserve: error: the replicas did not start: cannot load the model:"), last
+    assert str(empty) in last and "no config.json" in last
