@@ -86,8 +86,8 @@ class ReplicaState(ServerState):
         except ray.exceptions.RayError as e:
             raise NotReadyError(f"the replica registry is unreachable: {type(e).__name__}") from None
         urls = {rid: r.metrics_url for rid, r in reports.items() if rid != self.replica_id}
-        parts = {self.replica_id: self.metrics.exposition()[0], **await fetch_expositions(urls)}
-        return merge_expositions(parts)
+        own, others = await asyncio.gather(super().exposition(), fetch_expositions(urls))
+        return merge_expositions({self.replica_id: own[0], **others})
 
 
 class ReplicaHeader:

@@ -122,8 +122,9 @@ class ServerState:
 
     async def exposition(self) -> tuple[bytes, str]:
         """Body and content type of ``GET /metrics``: this process's metrics (a Ray replica answers for
-        every replica, :class:`server.ray_app.ReplicaState`)."""
-        return self.metrics.exposition()
+        every replica, :class:`server.ray_app.ReplicaState`). In a worker thread: reading the vector
+        count may wait for another process's write to the directory."""
+        return await asyncio.to_thread(self.metrics.exposition)
 
     def begin_drain(self) -> None:
         """SIGTERM: stop taking requests (503), let the ones in flight finish."""
