@@ -2,7 +2,8 @@
 
 Checked by the edge middleware (:mod:`server.edge`) from the request line and headers alone, before any
 byte of the body is read. With ``api_key`` set every route but /health, /ready and /metrics needs
-``Authorization: Bearer <key>`` (the admin key works too) — /docs, /redoc and /openapi.json included.
+``Authorization: Bearer <key>`` (the admin key works too) — /docs, /redoc and /openapi.json included;
+the /playground page and its files are public (static, no data: the page sends the key the user types).
 Mutating routes (POST, PUT, PATCH, DELETE under /v1/vectors and /v1/profiles) need ``admin_key``; with
 none set they are served only when the server is bound to a loopback address (403 otherwise; ``--host ""``
 binds every interface and is not loopback). Keys are compared in constant time.
@@ -24,6 +25,8 @@ Access = Literal["public", "api", "admin"]
 
 #: Paths anyone may call: probes and scrapers.
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
+#: The playground page and its static files: public, the page asks for the key and sends it itself.
+PLAYGROUND = "/playground"
 #: Path prefixes whose mutating methods need the admin key.
 ADMIN_PREFIXES = ("/v1/vectors", "/v1/profiles")
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -31,7 +34,7 @@ _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 def access_of(method: str, path: str) -> Access:
     """Who may call ``method path``: anyone, holders of the API key, or holders of the admin key."""
-    if path in PUBLIC_PATHS:
+    if path in PUBLIC_PATHS or path == PLAYGROUND or path.startswith(PLAYGROUND + "/"):
         return "public"
     if method in _MUTATING and any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES):
         return "admin"

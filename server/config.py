@@ -103,6 +103,8 @@ class ServerConfig:
         None,
         "with --replicas: keep a Prometheus file_sd list of the replicas' metrics endpoints in this file",
     )
+    compute_max_tokens: int = _option(256, "POST /v1/vectors/compute: tokens per text of a pair")
+    compute_batch_size: int = _option(16, "POST /v1/vectors/compute: texts per forward pass")
 
     def __post_init__(self) -> None:
         for name in _POSITIVE:

@@ -1,4 +1,4 @@
-"""The ``steerserve`` console script: serve, model prepare, train, vectors (SPEC §2)."""
+"""The ``steerserve`` console script: serve, model prepare, train, vectors (SPEC §2, §9.2)."""
 
 from __future__ import annotations
 
@@ -138,6 +138,53 @@ def _export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers(text: str) -> list[int]:
+    """``"8-12,15"`` -> [8, 9, 10, 11, 12, 15]."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise argparse.ArgumentTypeError(
+                f"invalid layers {text!r}: use numbers and ranges such as 8-12,15"
+            )
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def _compute(args: argparse.Namespace) -> int:
+    from basemodel import load_model
+    from steering_vectors import save_artifact
+    from steering_vectors.compute import compute_from_texts, read_pairs
+
+    lm = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
+    texts = read_pairs(args.pairs, lm.tokenizer)
+    extra = {"base_model": lm.model_id, **({"description": args.description} if args.description else {})}
+    options = {k: getattr(args, k) for k in ("method", "layers", "batch_size", "max_tokens")}
+    art = compute_from_texts(lm.model, lm.tokenizer, texts, **options, limit="--max-tokens", extra=extra)
+    sha = save_artifact(art, args.out)
+    rel = json.loads(art.extra["relative_norms"])
+    print(
+        f"wrote {args.out} (add, {args.method} from {len(texts)} pairs, layers {art.layers}, relative norms "
+        f"{min(rel.values()):.4f}-{max(rel.values()):.4f}, sha256 {sha})"
+    )
+    return 0
+
+
+def _import_peft(args: argparse.Namespace) -> int:
+    from basemodel import model_skeleton
+    from steering_vectors import save_artifact
+    from steering_vectors.peft_io import import_peft
+
+    art = import_peft(args.adapter_dir, model_skeleton(args.model))
+    sha = save_artifact(art, args.output)
+    modules = sorted({name.split(".", 2)[2].rsplit(".", 1)[0] for name in art.tensors})
+    print(
+        f"wrote {args.output} (lora, layers {art.layers}, modules {modules}, alpha {art.lora_alpha:g}, "
+        f"sha256 {sha})"
+    )
+    return 0
+
+
 def _upload(args: argparse.Namespace) -> int:
     import httpx
 
@@ -163,6 +210,35 @@ def _upload(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"HTTP {resp.status_code}: {resp.text[:500]}")
     return 0 if resp.status_code == 201 else 1
+
+
+def _add_vector_makers(vec: Any) -> None:
+    from basemodel import DTYPE_CHOICES, QUANTIZATION_CHOICES
+
+    p = vec.add_parser(
+        "compute",
+        help="add vector from contrastive pairs (mean-diff or PCA of last-token hidden states)",
+        description="Compute an add vector from contrastive pairs on a model's hidden states (repeng / CAA). "
+        'PAIRS is JSONL: {"positive", "negative"} per line, or preference records {"prompt", "chosen", '
+        '"rejected"} (chat-formatted prompt + reply).',
+    )
+    p.add_argument("--pairs", required=True, help="JSONL file of 2-1000 pairs")
+    p.add_argument("--method", choices=("mean-diff", "pca"), default="mean-diff")
+    p.add_argument("--out", required=True, help="the artifact (.safetensors)")
+    p.add_argument(
+        "--layers", type=_layers, default=None, help="e.g. 8-20 or 10,12,14 (default: middle half)"
+    )
+    p.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="none")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
+    p.add_argument("--max-tokens", type=int, default=1024, help="longest text, in tokens")
+    p.add_argument("--description", default=None)
+    p = vec.add_parser("import-peft", help="PEFT LoRA adapter directory -> lora artifact")
+    p.add_argument("adapter_dir", help="holds adapter_config.json and adapter_model.safetensors")
+    p.add_argument("output")
+    p.add_argument("--model", default=None, help="the adapter's base model directory (default: embedded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drop-layer0", action="store_true", help="drop a layer-0 direction (llama.cpp cannot apply it)"
     )
+    _add_vector_makers(vec)
     p = vec.add_parser("upload", help="upload an artifact to a running server")
     p.add_argument("file")
     p.add_argument("--name", required=True)
@@ -213,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         ("vectors", "inspect"): _inspect,
         ("vectors", "import-gguf"): _import_gguf,
         ("vectors", "export-gguf"): _export_gguf,
+        ("vectors", "compute"): _compute,
+        ("vectors", "import-peft"): _import_peft,
         ("vectors", "upload"): _upload,
     }
     try:

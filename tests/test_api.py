@@ -104,27 +104,6 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
 
 
 @pytest.fixture
-def make_server(tmp_path: Path, tokenizer: Any) -> Iterator[Callable[..., tuple[ServerState, TestClient]]]:
-    """``make(load=True, **config)`` -> (state, client); loaded ones run their lifespan (engine stops)."""
-    opened: list[TestClient] = []
-
-    def make(*, load: bool = True, seed: int = 0, **overrides: Any) -> tuple[ServerState, TestClient]:
-        overrides.setdefault("vector_dir", tmp_path / "vectors")
-        overrides.setdefault("drain_timeout", 5.0)
-        state = ServerState(ServerConfig(quantization="none", **overrides))
-        client = TestClient(create_app(state))
-        if load:
-            state.load(tiny_loaded(tokenizer, seed))
-            client.__enter__()
-            opened.append(client)
-        return state, client
-
-    yield make
-    for client in reversed(opened):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
 def server(make_server):
     return make_server()
 

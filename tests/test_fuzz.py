@@ -83,6 +83,7 @@ def fuzz_schema(tokenizer, tmp_path):
 
 
 GENERATION_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
+SWEEP = "/v1/sweep"
 
 
 def _is_number(value: object) -> bool:
@@ -92,7 +93,7 @@ def _is_number(value: object) -> bool:
 def _cap_tokens(path: str, body: dict) -> dict:
     """At most TOKEN_CAP new tokens; where the body leaves the budget to the route's default, set it."""
     body = dict(body)
-    keys = ("max_new_tokens",) if path == "/generate" else ("max_tokens", "max_completion_tokens")
+    keys = ("max_new_tokens",) if path in ("/generate", SWEEP) else ("max_tokens", "max_completion_tokens")
     for key in keys:
         if _is_number(body.get(key)) and body[key] > TOKEN_CAP:
             body[key] = TOKEN_CAP
@@ -104,13 +105,17 @@ def _cap_tokens(path: str, body: dict) -> dict:
 def _plausible(path: str, body: dict) -> dict:
     """The same body nudged past the cheapest rejections, so that most cases reach generation."""
     body = dict(body)
-    if path == "/generate":
+    if path in ("/generate", SWEEP):
         if body.get("prompt") is not None and body.get("messages") is not None:
             body.pop("messages")
         elif body.get("prompt") is None and body.get("messages") is None:
             body["prompt"] = "Hello"
     if "n" in body:
         body["n"] = 1
+    if path == SWEEP:
+        body["vector"] = VECTORS[len(str(body.get("vector"))) % len(VECTORS)]
+        if isinstance(body.get("strengths"), list):
+            body["strengths"] = body["strengths"][:8] or [0.0]
     if path == "/v1/completions" and isinstance(body.get("prompt"), list):
         body["prompt"] = body["prompt"][:1] or ["Hello"]
     if path in ("/v1/chat/completions", "/v1/completions") and isinstance(body.get("model"), str):
@@ -126,7 +131,7 @@ def flatmap_body(context, body):
         return st.just(body)
     path = op.path
     bodies = [body]
-    if path in GENERATION_ROUTES:
+    if path in (*GENERATION_ROUTES, SWEEP):
         bodies = [_cap_tokens(path, body), _plausible(path, _cap_tokens(path, body))]
     options = [st.just(b) for b in bodies]
     for b in bodies:
@@ -220,7 +225,7 @@ def test_every_operation_documents_its_bodies():
 
 def test_fuzzing_reached_generation():
     """Guard against a silent loss of depth: the hooks must get cases through to real generation."""
-    ran = [route for route in GENERATION_ROUTES if f"POST {route}" in STATUSES]
+    ran = [route for route in (*GENERATION_ROUTES, SWEEP) if f"POST {route}" in STATUSES]
     if not ran:
         pytest.skip("the fuzz tests did not run in this session")
     for route in ran:
