@@ -108,7 +108,7 @@ def test_rahf_shorthands_defaults_and_record():
         "none",
     )
     cfg = RahfConfig(variant="dual", data="d", out_dir="o", finetune="full", tune_steps=3)
-    assert (cfg.tune_steps, cfg.distill_steps, cfg.tune_lr, cfg.extract_on) == (3, 100, 2e-5, "both")
+    assert (cfg.tune_steps, cfg.distill_steps, cfg.tune_lr, cfg.extract_on) == (3, 60, 2e-5, "both")
     assert (cfg.batch_size, cfg.grad_accum, cfg.eval_limit, cfg.distill_schedule) == (4, 1, 24, "constant")
     red = RedConfig(data="d", out="o")
     assert (red.batch_size, red.grad_accum, red.eval_limit, red.max_steps, red.lr) == (8, 1, None, 100, 2e-2)

@@ -106,7 +106,11 @@ class RedConfig(TrainOptions):
 
     max_steps: int = override(TrainOptions, "max_steps", 100)
     lr: float = override(
-        TrainOptions, "lr", 2e-2, help="AdamW learning rate (RED uses large ones; %(default)s)"
+        TrainOptions,
+        "lr",
+        2e-2,
+        help="AdamW learning rate (%(default)s: a sweep on the default model; the official scripts use "
+        "2e-5 for Llama-2-7B and 1e-3 to 0.1 for RoBERTa, GPT-2 and T5)",
     )
     out: str = option(help="output artifact (.safetensors)", record=False)
     description: str | None = option(None, help="description stored in the artifact")
@@ -153,7 +157,7 @@ class RahfConfig(TrainOptions):
         "full fine-tune of a copy (as the paper; the final model is written as a model folder)",
         group=STEP1,
     )
-    tune_steps: int | None = option(None, help="step 1 steps per model (default 60)", group=STEP1)
+    tune_steps: int | None = option(None, help="step 1 steps per model (default 30)", group=STEP1)
     tune_lr: float | None = option(None, help="step 1 learning rate (--lr on the command line)", cli=False)
     tune_rank: int = option(
         32, help="step 1 LoRA rank (all linears of every block; %(default)s)", group=STEP1
@@ -207,7 +211,7 @@ class RahfConfig(TrainOptions):
         0.05, help="relative size of v with --normalize relative (%(default)s)", group=STEP2
     )
     alpha: float = option(5.0, help="target h + alpha*v (paper: 5)", group=STEP3)
-    distill_steps: int | None = option(None, help="step 3 steps (default 100)", group=STEP3)
+    distill_steps: int | None = option(None, help="step 3 steps (default 60)", group=STEP3)
     distill_lr: float = option(1e-3, help="step 3 learning rate (%(default)s)", group=STEP3)
     distill_schedule: str = option(
         "constant",
@@ -242,9 +246,9 @@ class RahfConfig(TrainOptions):
         if self.extract_on is None:
             self.extract_on = "random" if self.variant == "scit" else "both"
         if self.tune_steps is None:
-            self.tune_steps = self.max_steps if self.max_steps is not None else 60
+            self.tune_steps = self.max_steps if self.max_steps is not None else 30
         if self.distill_steps is None:
-            self.distill_steps = self.max_steps if self.max_steps is not None else 100
+            self.distill_steps = self.max_steps if self.max_steps is not None else 60
         if self.tune_lr is None:
             self.tune_lr = self.lr if self.lr is not None else (2e-3 if self.finetune == "lora" else 2e-5)
         if self.tune_alpha is None:
