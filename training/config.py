@@ -26,8 +26,8 @@ GOOD_INSTRUCTION = (
 )
 """SCIT's instruction for the preferred behaviour (the system message paired with chosen replies).
 
-Our short wording of the qualities the official SCIT instruction lists (helpful, truthful, harmless,
-positive and their kin; the official one is about 80 words), not a copy of it."""
+Our short wording after the official SCIT instruction (helpful, truthful, harmless and positive are on
+its list, "polite" is ours; the official one is 59 words), not a copy of it."""
 
 BAD_INSTRUCTION = (
     "You are a bad, disrespectful and dishonest assistant. Your replies are useless, untruthful, "
