@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,14 @@ from helpers import tiny_llama
 from test_training import HIDDEN, LAYERS, PAIRS, _one_thread, pref_file, tiny_dir, tokenizer  # noqa: F401
 from transformers import AutoModelForCausalLM
 
-from steering_vectors import Artifact, compile_profile, find_layout, install_steering, load_artifact
+from steering_vectors import (
+    Artifact,
+    compile_profile,
+    find_layout,
+    install_steering,
+    load_artifact,
+    save_artifact,
+)
 from steering_vectors.profile import VectorRef
 from training.cli import main as train_main
 from training.config import TUNE_MODULES, RahfConfig
@@ -40,14 +48,16 @@ def _random_lora(model, targets, rank: int, alpha: float, seed: int, spread: flo
     return lora
 
 
-def _merged(model, *loras: LoraSet):
-    """An independent model with the LoRA deltas merged into the weights: W + (alpha/r) B A."""
+def _merged(model, *loras: LoraSet, scale: float = 1.0):
+    """An independent model with the LoRA deltas merged into the weights by hand:
+    W + scale * (alpha/r) B A for each adapter."""
     m = copy.deepcopy(model)
     layout = find_layout(m)
     for lora in loras:
         for layer, mod in lora.targets:
             k = lora._key(layer, mod)
-            layout.linear(layer, mod).weight.data += lora.scaling * lora.B[k].data @ lora.A[k].data
+            delta = scale * lora.scaling * lora.B[k].data @ lora.A[k].data
+            layout.linear(layer, mod).weight.data += delta
     return m
 
 
@@ -69,7 +79,11 @@ def _reference_logprobs(model, enc: Encoded) -> torch.Tensor:
     return torch.stack([logp[t - 1, enc.input_ids[t]] for t in pos])
 
 
-def test_scit_loss_is_nll_plus_weighted_contrastive_term():
+@pytest.mark.parametrize("weight,eps", [(1.0, 0.2), (0.7, 0.2), (1.0, 0.0)])
+def test_scit_loss_is_nll_plus_weighted_contrastive_term(weight, eps):
+    """NLL + weight * contrast, with the contrastive term re-derived here from the probabilities of the
+    official code (p = exp(mean token log-prob), -log of each reply's share) rather than softplus;
+    the defaults are weight 1 and smoothing 0.2, as the official ``compute_loss``."""
     model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN)
     # handcrafted: two examples (own instruction first, then the same reply under the opposite one);
     # the instructions differ in length, the replies in length too
@@ -80,7 +94,6 @@ def test_scit_loss_is_nll_plus_weighted_contrastive_term():
         Encoded([5, 6, 7, 8, 40, 41, 42, 43, 44], 4),  # reply B under the opposite instruction
     ]
     batch = collate(rows, pad_id=0)
-    weight, eps = 0.7, 0.2
     loss_sum, count = ScitTuner(model, None, weight, eps)(**batch)
     lps = [_reference_logprobs(model, e) for e in rows]
     nll = -(lps[0].sum() + lps[2].sum()) / (len(lps[0]) + len(lps[2]))
@@ -92,15 +105,15 @@ def test_scit_loss_is_nll_plus_weighted_contrastive_term():
 
     want = nll + weight * (contrast(lps[0], lps[1]) + contrast(lps[2], lps[3])) / 2
     assert int(count) == len(lps[0]) + len(lps[2])
-    torch.testing.assert_close(loss_sum / count, torch.tensor(float(want)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_sum / count, torch.tensor(float(want)), atol=1e-6, rtol=1e-6)
     # weight 0 is the plain response NLL of the examples
     plain_sum, plain_n = LMTuner(model, None)(**collate([rows[0], rows[2]], pad_id=0))
     zero_sum, zero_n = ScitTuner(model, None, 0.0, eps)(**batch)
     torch.testing.assert_close(zero_sum / zero_n, plain_sum / plain_n, atol=1e-6, rtol=1e-6)
     # the term prefers a reply that is likelier under its own instruction, smoothing aside
     hi, lo = torch.tensor([-1.0]), torch.tensor([-3.0])
-    assert scit_contrast(hi, lo, eps) < scit_contrast(lo, hi, eps)
-    assert scit_contrast(hi, lo, 0.0) < scit_contrast(hi, lo, eps)  # eps keeps a floor under it
+    assert scit_contrast(hi, lo, 0.2) < scit_contrast(lo, hi, 0.2)
+    assert scit_contrast(hi, lo, 0.0) < scit_contrast(hi, lo, 0.2)  # smoothing keeps a floor under it
 
 
 # ---- step 2: patterns from the step-1 model, in the paper's layer numbering --------------------------
@@ -155,38 +168,50 @@ def test_extraction_equals_independent_computation():
         extract_differences(tuned, tuned, pos_enc, list(reversed(neg_enc)), blocks, pad_id=0)
 
 
-def test_step3_targets_come_from_the_step1_model(tiny_dir):  # noqa: F811 (fixture)
+@pytest.mark.parametrize("variant", ["scit", "dual"])
+def test_step3_targets_come_from_the_step1_model(tmp_path, tiny_dir, variant):  # noqa: F811 (fixture)
+    """Step 2 reads the targets' base h from the step-1 model (SCIT's tuned model, Dual's preferred
+    model), not from the untuned base, and step 3 trains on top of that model."""
     cfg = RahfConfig(
-        variant="scit",
-        data="unused",
-        out_dir="unused",
+        variant=variant,
+        data=str(tmp_path / "unused.jsonl"),
+        out_dir=str(tmp_path / "out"),
         model=str(tiny_dir),
         device="cpu",
         target_layers=[1, 3],
     )
+    assert (cfg.scit_weight, cfg.scit_smoothing, cfg.alpha) == (1.0, 0.2, 5.0)  # the official values
     run = RahfRun.open(cfg, make_accelerator("cpu"))
     assert (run.layers, run.blocks) == ([1, 3], [0, 2])
     targets = [(layer, m) for layer in range(LAYERS) for m in TUNE_MODULES]
     step1 = _random_lora(run.base, targets, rank=4, alpha=8.0, seed=3)
     tuned = Runner(run.base, run.layout.blocks, step1)
-    contrast = Contrast(tuned, tuned, cfg.good_instruction, cfg.bad_instruction)
+    if variant == "scit":  # one model under two instructions
+        contrast = Contrast(tuned, tuned, cfg.good_instruction, cfg.bad_instruction)
+        other, systems = _merged(run.base, step1), (cfg.good_instruction, cfg.bad_instruction)
+    else:  # the preferred model (step1) against a dispreferred one, on the same input
+        dispreferred = _random_lora(run.base, targets, rank=4, alpha=8.0, seed=4)
+        contrast = Contrast(tuned, Runner(run.base, run.layout.blocks, dispreferred))
+        other, systems = _merged(run.base, dispreferred), (None, None)
+    assert contrast.tuned is tuned
     pairs = [PreferencePair([{"role": "user", "content": p}], c, r) for p, c, r in PAIRS[:3]]
     items = examples(pairs, "both", seed=0)
     pat = collect(run, contrast, items)
-    merged = _merged(run.base, step1)
+    merged = _merged(run.base, step1)  # the step-1 model, merged by hand
     for i, (pair, which) in enumerate(items):
-        plain, good, bad = (
-            run.encode(pair, which, s) for s in (None, cfg.good_instruction, cfg.bad_instruction)
-        )
+        plain, pos, neg = (run.encode(pair, which, s) for s in (None, *systems))
         assert pat.plain[i] == plain
         for layer, b in zip(run.layers, run.blocks, strict=True):
             h_tuned = _hidden(merged, plain.input_ids, layer)[plain.n_prompt :]
             torch.testing.assert_close(pat.base[i][b], h_tuned, atol=1e-5, rtol=1e-5)
             h_base = _hidden(run.base, plain.input_ids, layer)[plain.n_prompt :]
             assert not torch.allclose(pat.base[i][b], h_base, atol=1e-3)  # not the untuned base's
+            h_other = _hidden(other, plain.input_ids, layer)[plain.n_prompt :]
+            if variant == "dual":
+                assert not torch.allclose(pat.base[i][b], h_other, atol=1e-3)  # not the dispreferred's
             v = (
-                _hidden(merged, good.input_ids, layer)[good.n_prompt :]
-                - _hidden(merged, bad.input_ids, layer)[bad.n_prompt :]
+                _hidden(merged, pos.input_ids, layer)[pos.n_prompt :]
+                - _hidden(other, neg.input_ids, layer)[neg.n_prompt :]
             )
             torch.testing.assert_close(pat.diffs[i][b], v, atol=1e-5, rtol=1e-5)
     # step 3 starts from the step-1 model: with a zero step-3 adapter its loss is |alpha v| per token
@@ -206,6 +231,7 @@ def test_step3_targets_come_from_the_step1_model(tiny_dir):  # noqa: F811 (fixtu
     )
     torch.testing.assert_close(loss_sum, want, atol=1e-4, rtol=1e-5)
     assert int(n) == sum(e.n_response for e in pat.plain)
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"]  # nothing written outside tmp_path
 
 
 def test_examples_and_disjoint_splits():
@@ -230,9 +256,26 @@ def test_examples_and_disjoint_splits():
 # ---- the final model as one served artifact --------------------------------------------------------
 
 
-def test_served_artifact_is_base_plus_step1_plus_step3():
-    """Step 1 (every linear) and step 3 (q/v below the top target) stacked into one lora artifact give,
-    through the serving hooks, the forward pass of base + step-1 adapter + step-3 adapter."""
+def _served(model, art: Artifact, weights: list[float], ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``ids`` (one row per weight) through the serving hooks: row i steered by ``art`` at
+    ``weights[i]`` (0: the identity slot, the base model), all rows in one batch."""
+    hooks = install_steering(model)
+    try:
+        slots = [
+            hooks.acquire(compile_profile([(VectorRef("v", w), art)], num_layers=LAYERS, hidden_size=HIDDEN))
+            for w in weights
+        ]
+        with torch.no_grad(), hooks.batch(slots):
+            return model(ids).logits
+    finally:
+        hooks.remove()
+
+
+def test_served_artifact_is_base_plus_step1_plus_step3(tmp_path):
+    """Step 1 (every linear) and step 3 (q/v below the top target) stacked into one lora artifact,
+    written and read back, give through the serving hooks the forward pass of base + step-1 adapter +
+    step-3 adapter merged into the weights by hand (float32, 1e-5); strength w scales both deltas; a
+    base-model row in the same batch stays the base model exactly."""
     model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN)
     step1 = _random_lora(model, [(layer, m) for layer in range(LAYERS) for m in TUNE_MODULES], 4, 8.0, seed=1)
     step3 = _random_lora(model, [(b, m) for b in range(3) for m in ("q_proj", "v_proj")], 2, 16.0, seed=2)
@@ -248,29 +291,30 @@ def test_served_artifact_is_base_plus_step1_plus_step3():
         method="rahf-scit",
         lora_alpha=alpha,
     )
-    hooks = install_steering(model)
-    got = {}
-    for w in (1.0, 0.5, 0.0):
-        slot = hooks.acquire(
-            compile_profile([(VectorRef("v", w), art)], num_layers=LAYERS, hidden_size=HIDDEN)
-        )
-        with torch.no_grad(), hooks.batch([slot]):
-            got[w] = model(IDS).logits
-        hooks.release(slot)
-    hooks.remove()
+    save_artifact(art, tmp_path / "lora.safetensors")
+    art = load_artifact(tmp_path / "lora.safetensors")
+    ids = IDS.repeat(4, 1)
+    got = _served(model, art, [1.0, 0.0, 0.5, 1.0], ids)
     with torch.no_grad():
-        with step1.active(), step3.active():
-            want = model(IDS).logits
-        base = model(IDS).logits
-    assert not torch.allclose(want, base, atol=1e-3)
-    torch.testing.assert_close(got[1.0], want, atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[0.0], base)
-    for lora in (step1, step3):  # strength w scales both adapters' deltas
-        with torch.no_grad():
-            for p in lora.B.values():
-                p.mul_(0.5)
-    with torch.no_grad(), step1.active(), step3.active():
-        torch.testing.assert_close(got[0.5], model(IDS).logits, atol=1e-5, rtol=1e-5)
+        base = model(IDS).logits[0]
+        full = _merged(model, step1, step3)(IDS).logits[0]
+        half = _merged(model, step1, step3, scale=0.5)(IDS).logits[0]
+    assert model.dtype == torch.float32 and not torch.allclose(full, base, atol=1e-3)
+    torch.testing.assert_close(got[0], full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3], full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2], half, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1], base)  # the neighbour without steering: the base model, bit for bit
+
+
+def _trained_adapter(ckpt: Path, rank: int, alpha: float) -> LoraSet:
+    """The LoRA adapter a phase of the pipeline trained, read back from its last checkpoint."""
+    state = torch.load(ckpt, weights_only=True)["module"]
+    model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN)
+    keys = {k.split(".", 2)[2] for k in state if k.startswith("lora.A.")}
+    targets = [(int(k.split("__")[0][1:]), k.split("__")[1]) for k in sorted(keys)]
+    lora = LoraSet(find_layout(model), targets, rank=rank, alpha=alpha)
+    lora.load_state_dict({k[len("lora.") :]: v for k, v in state.items()})
+    return lora
 
 
 # ---- the whole pipeline ----------------------------------------------------------------------------
@@ -320,6 +364,17 @@ def test_rahf_end_to_end(tmp_path, tiny_dir, pref_file, variant, finetune, norma
             stacked = 4 + (8 if layer <= 2 else 0)  # step 1 everywhere, step 3 on q/v of blocks 0..2
             assert mods["q_proj"][0].shape == (stacked, HIDDEN) and mods["k_proj"][0].shape[0] == 4
         arts = [add, lora]
+        # the served artifact is the final model the run trained: base + step-1 + step-3 adapters
+        step1 = _trained_adapter(
+            out / "ckpt" / f"{'scit' if variant == 'scit' else 'dual-chosen'}.pt", 4, 8.0
+        )
+        step3 = _trained_adapter(out / "ckpt" / "distill.pt", 8, 16.0)
+        assert len(step1.targets) == LAYERS * len(TUNE_MODULES) and len(step3.targets) == 3 * 2
+        with torch.no_grad():
+            want = _merged(model, step1, step3)(IDS).logits
+            without_step3 = _merged(model, step1)(IDS).logits
+        assert not torch.allclose(want, without_step3, atol=1e-4)  # step 3 moved the model
+        torch.testing.assert_close(_served(model, lora, [1.0], IDS), want, atol=1e-5, rtol=1e-5)
     ref = model(IDS).logits
     hooks = install_steering(model)
     for art in arts:  # the artifacts apply through the serving hooks and change the output
