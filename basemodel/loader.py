@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from steering_vectors.arch import ModelLayout, find_layout
 
 from .provision import DEFAULT_MODEL_NAME, prepare_default_model, settle_special_tokens
 
@@ -21,6 +23,7 @@ __all__ = [
     "LoadedModel",
     "bitsandbytes_problem",
     "load_model",
+    "model_skeleton",
     "resolve_device",
     "resolve_dtype",
     "resolve_quantization",
@@ -97,15 +100,21 @@ class LoadedModel:
         """The compute dtype as a string, e.g. ``"bfloat16"``."""
         return str(self.dtype).removeprefix("torch.")
 
+    @cached_property
+    def layout(self) -> ModelLayout:
+        """The model's shape and steering sites (hidden size, layers, model type, linears): the one
+        description of the model every consumer uses."""
+        return find_layout(self.model)
+
     @property
     def hidden_size(self) -> int:
         """Hidden size d of the model."""
-        return int(self.model.config.hidden_size)
+        return self.layout.hidden_size
 
     @property
     def num_layers(self) -> int:
         """Number of decoder layers L."""
-        return int(self.model.config.num_hidden_layers)
+        return self.layout.num_layers
 
 
 def _check_choice(option: str, value: object, choices: tuple[str, ...]) -> str:
@@ -309,3 +318,15 @@ def load_model(
         dtype=compute_dtype,
         device=dev,
     )
+
+
+def model_skeleton(path: str | Path | None = None) -> Any:
+    """The structure of a model without its weights: the causal LM built from the directory's
+    ``config.json`` (None: the default model) on the meta device, for converters that need its layers,
+    module names and shapes but no computation. Never downloads anything."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = prepare_default_model() if path is None else _check_model_dir(path)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ import torch
 from transformers import DynamicCache
 
 from steering_vectors import CompiledProfile, SlotsExhaustedError, SteeringHooks
+
+from .observer import NULL_OBSERVER, EngineObserver
 
 __all__ = [
     "ContextLengthError",
@@ -183,9 +185,9 @@ class Engine:
     """Continuous-batching generation over one model with per-row steering.
 
     ``hooks`` is the model's installed :class:`SteeringHooks` (``None`` serves unsteered only).
-    ``observer`` (e.g. :class:`server.metrics.Metrics`) gets callbacks, any subset of:
-    ``observe_batch(rows)``, ``set_queue(running=, waiting=)``, ``observe_queue_wait(s)``,
-    ``observe_ttft(s)``, ``observe_inter_token(s)``, ``add_tokens(prompt=, generated=)``.
+    ``observer`` (an :class:`~server.observer.EngineObserver`, e.g. :class:`server.metrics.Metrics`) gets
+    the loop's callbacks: queue sizes, queue wait, rows per step, time to first token, inter-token time,
+    token counts.
     """
 
     def __init__(
@@ -198,7 +200,7 @@ class Engine:
         max_queue: int = 64,
         max_new_tokens_cap: int = 2048,
         context_length: int | None = None,
-        observer: Any = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
@@ -215,7 +217,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._observer = observer
+        self._observer = observer or NULL_OBSERVER
         self._waiting: deque[_Seq] = deque()
         self._rows: list[_Seq] = []
         self._cache: DynamicCache | None = None
@@ -321,12 +323,7 @@ class Engine:
         return max(1, min(60, len(self._waiting) // max(1, self.max_batch_size)))
 
     def _notify_queue(self) -> None:
-        self._emit("set_queue", running=len(self._rows), waiting=len(self._waiting))
-
-    def _emit(self, name: str, *args: Any, **kwargs: Any) -> None:
-        fn: Callable[..., None] | None = getattr(self._observer, name, None)
-        if fn is not None:
-            fn(*args, **kwargs)
+        self._observer.set_queue(running=len(self._rows), waiting=len(self._waiting))
 
     # ---- the loop ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -377,13 +374,13 @@ class Engine:
                 self._waiting.popleft()
                 new.append(seq)
             if dropped or new:
-                self._emit("set_queue", running=len(self._rows) + len(new), waiting=len(self._waiting))
+                self._observer.set_queue(running=len(self._rows) + len(new), waiting=len(self._waiting))
         for seq in dropped:
             self._finish(seq, "cancelled")
         if new:
             now = time.monotonic()
             for seq in new:
-                self._emit("observe_queue_wait", now - seq.arrival)
+                self._observer.observe_queue_wait(now - seq.arrival)
             self._prefill(new)
 
     def _forward(
@@ -411,7 +408,7 @@ class Engine:
         finally:
             if self.hooks is not None:
                 self.hooks.clear_batch()
-        self._emit("observe_batch", ids.shape[0])
+        self._observer.observe_batch(ids.shape[0])
         return out.logits[:, -1].float()
 
     def _prefill(self, new: list[_Seq]) -> None:
@@ -514,9 +511,9 @@ class Engine:
         for s, tok in zip(seqs, tokens, strict=True):
             if not s.out:
                 s.handle.timings["ttft"] = now - s.arrival
-                self._emit("observe_ttft", now - s.arrival)
+                self._observer.observe_ttft(now - s.arrival)
             else:
-                self._emit("observe_inter_token", now - s.last_token_time)
+                self._observer.observe_inter_token(now - s.last_token_time)
             s.last_token_time = now
             s.out.append(tok)
             s.pos += 1
@@ -560,8 +557,10 @@ class Engine:
         s.handle.timings["total"] = time.monotonic() - s.arrival
         completion = len(s.out) - (1 if s.out and s.out[-1] in self.eos_ids else 0)
         # counted before the caller hears of it: a client that has its response sees its tokens in /metrics
-        self._emit("add_tokens", prompt=len(s.prompt), generated=completion)
-        self._emit("set_queue", running=sum(r.finish is None for r in self._rows), waiting=len(self._waiting))
+        self._observer.add_tokens(prompt=len(s.prompt), generated=completion)
+        self._observer.set_queue(
+            running=sum(r.finish is None for r in self._rows), waiting=len(self._waiting)
+        )
         s.handle._push(
             EngineEvent(
                 delta, finish_reason=reason, prompt_tokens=len(s.prompt), completion_tokens=completion

@@ -28,6 +28,7 @@ import torch
 from .artifact import Artifact
 
 __all__ = [
+    "MAX_STRENGTH",
     "MAX_VECTORS",
     "POSITIONS",
     "CompiledProfile",
@@ -40,6 +41,7 @@ __all__ = [
 
 POSITIONS = ("all", "prompt", "generated")
 MAX_VECTORS = 16
+MAX_STRENGTH = 100.0
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _PIN_RE = re.compile(r"[0-9a-f]{4,64}")
 
@@ -73,9 +75,17 @@ class VectorRef:
             or not math.isfinite(self.strength)
         ):
             raise ValueError(f"strength of {self.name!r} must be a finite number")
+        if abs(self.strength) > MAX_STRENGTH:
+            raise ValueError(
+                f"strength of {self.name!r} is {self.strength:g}; |strength| must be <= {MAX_STRENGTH:g}"
+            )
         if self.positions not in POSITIONS:
             raise ValueError(f"positions of {self.name!r} must be one of {', '.join(POSITIONS)}")
         if self.layers is not None:
+            if not self.layers:
+                raise ValueError(
+                    f"layers of {self.name!r} is empty: omit it to steer every layer of the vector"
+                )
             if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers):
                 raise ValueError(f"layers of {self.name!r} must be non-negative integers")
             object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
@@ -194,6 +204,9 @@ def compile_profile(
         art.check_compatible(hidden_size=hidden_size, num_layers=num_layers)
         if ref.layers is not None and ref.layers and ref.layers[-1] >= num_layers:
             raise ValueError(f"{ref.name}: layer {ref.layers[-1]} out of range (model has {num_layers})")
+        missing = sorted(set(ref.layers or ()) - set(art.layers))
+        if missing:
+            raise ValueError(f"{ref.name}: layers {missing} are not among the vector's layers {art.layers}")
         w = float(ref.strength)
         if w == 0.0:
             continue

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
-from helpers import tiny_llama
+from fastapi.testclient import TestClient
+from helpers import smollm2_tokenizer, tiny_loaded
+
+from server.app import create_app
+from server.config import ServerConfig
+from server.state import ServerState
 
 
 @pytest.fixture(scope="session")
@@ -18,26 +24,31 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
+    return smollm2_tokenizer()
 
-    tok = AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+
+@pytest.fixture(name="tiny_loaded")
+def tiny_loaded_fixture(tokenizer):
+    """A LoadedModel around a tiny random Llama with SmolLM2's tokenizer."""
+    return tiny_loaded(tokenizer)
 
 
 @pytest.fixture
-def tiny_loaded(tokenizer):
-    """A LoadedModel around a tiny random Llama with SmolLM2's tokenizer."""
-    from basemodel import LoadedModel
+def make_server(tmp_path: Path, tokenizer: Any) -> Iterator[Callable[..., tuple[ServerState, TestClient]]]:
+    """``make(load=True, **config)`` -> (state, client); loaded ones run their lifespan (engine stops)."""
+    opened: list[TestClient] = []
 
-    return LoadedModel(
-        model=tiny_llama(),
-        tokenizer=tokenizer,
-        model_id="tiny-llama",
-        path=Path("."),
-        quantization="none",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
+    def make(*, load: bool = True, seed: int = 0, **overrides: Any) -> tuple[ServerState, TestClient]:
+        overrides.setdefault("vector_dir", tmp_path / "vectors")
+        overrides.setdefault("drain_timeout", 5.0)
+        state = ServerState(ServerConfig(quantization="none", **overrides))
+        client = TestClient(create_app(state))
+        if load:
+            state.load(tiny_loaded(tokenizer, seed))
+            client.__enter__()
+            opened.append(client)
+        return state, client
+
+    yield make
+    for client in reversed(opened):
+        client.__exit__(None, None, None)

@@ -1,15 +1,25 @@
-"""Shared test helpers: tiny random models, random artifacts, padded forward passes."""
+"""Shared test helpers: tiny random models (served or not), random artifacts, padded forward passes,
+a pickle canary, servers in a thread, Prometheus samples."""
 
 from __future__ import annotations
 
 import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from basemodel import LoadedModel
 from steering_vectors import Artifact
 
 TINY_VOCAB = 49152  # SmolLM2's tokenizer
+TINY_MODEL_ID = "tiny-llama"
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64) -> LlamaForCausalLM:
@@ -29,6 +39,32 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64) -> LlamaForCaus
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer (from the provisioned default model), left padding, pad token set."""
+    from transformers import AutoTokenizer
+
+    from basemodel import prepare_default_model
+
+    tok = AutoTokenizer.from_pretrained(prepare_default_model(quiet=True), local_files_only=True)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_loaded(tokenizer: Any, seed: int = 0, model: LlamaForCausalLM | None = None) -> LoadedModel:
+    """A :class:`LoadedModel` around a tiny random Llama (``model``, else ``tiny_llama(seed)``)."""
+    return LoadedModel(
+        model=model if model is not None else tiny_llama(seed),
+        tokenizer=tokenizer,
+        model_id=TINY_MODEL_ID,
+        path=Path("."),
+        quantization="none",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
 
 
 def red_artifact(model, layers: list[int] | None = None, seed: int = 1, spread: float = 0.3) -> Artifact:
@@ -137,3 +173,53 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         if dict(re.findall(r'(\w+)="([^"]*)"', rest)) == labels:
             return float(value)
     return None
+
+
+class PickleCanary:
+    """Unpickling this creates the file ``path``: proof that a pickle was executed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``cond`` until it holds; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def uvicorn_thread(app: Any) -> Iterator[str]:
+    """Serve ``app`` as ``steerserve serve`` does (uvicorn, the guarded connection protocol, the app's
+    config) on a real loopback socket in a thread; yields its URL."""
+    import uvicorn
+
+    from server.serve import uvicorn_config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = app.state.steerserve.config
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=30, what="uvicorn to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -9,8 +9,6 @@ import io
 import json
 import pickle
 import re
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,31 +19,31 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from basemodel import LoadedModel
-from server.app import ServerConfig, ServerState, create_app
+from server.app import create_app
+from server.config import ServerConfig
 from server.engine import SamplingParams
+from server.state import ServerState
 from steering_vectors import Artifact
-from tests.helpers import add_artifact, lora_artifact, metric, red_artifact, tiny_llama
+from tests.helpers import (
+    TINY_MODEL_ID,
+    PickleCanary,
+    add_artifact,
+    lora_artifact,
+    metric,
+    red_artifact,
+    tiny_llama,
+    tiny_loaded,
+    uvicorn_thread,
+    wait_for,
+)
 
-MODEL_ID = "tiny-llama"
+MODEL_ID = TINY_MODEL_ID
 ADMIN = {"Authorization": "Bearer admin-secret"}
 USER = {"Authorization": "Bearer user-secret"}
 WRONG = {"Authorization": "Bearer not-the-key"}
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-def loaded_model(tokenizer: Any, seed: int = 0) -> LoadedModel:
-    return LoadedModel(
-        model=tiny_llama(seed),
-        tokenizer=tokenizer,
-        model_id=MODEL_ID,
-        path=Path("."),
-        quantization="none",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
-
-
 def check_error(resp: httpx.Response, status: int) -> dict[str, Any]:
     """Assert ``status`` and the SPEC §6 error body ``{"error": {"message", "type", "code"}}``."""
     assert resp.status_code == status, resp.text
@@ -105,35 +103,6 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
     return out
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def make_server(tmp_path: Path, tokenizer: Any) -> Iterator[Callable[..., tuple[ServerState, TestClient]]]:
-    """``make(load=True, **config)`` -> (state, client); loaded ones run their lifespan (engine stops)."""
-    opened: list[TestClient] = []
-
-    def make(*, load: bool = True, seed: int = 0, **overrides: Any) -> tuple[ServerState, TestClient]:
-        overrides.setdefault("vector_dir", tmp_path / "vectors")
-        overrides.setdefault("drain_timeout", 5.0)
-        state = ServerState(ServerConfig(quantization="none", **overrides))
-        client = TestClient(create_app(state))
-        if load:
-            state.load(loaded_model(tokenizer, seed))
-            client.__enter__()
-            opened.append(client)
-        return state, client
-
-    yield make
-    for client in reversed(opened):
-        client.__exit__(None, None, None)
-
-
 @pytest.fixture
 def server(make_server):
     return make_server()
@@ -162,7 +131,13 @@ def test_api_key_required_except_health_ready_metrics(make_server):
             assert err["type"] == "authentication_error"
     assert generate(client, max_new_tokens=2, headers=USER)["finish_reason"] == "length"
     assert client.get("/v1/models", headers=USER).status_code == 200
-    assert client.get("/v1/vectors", headers=USER).json() == {"object": "list", "data": []}
+    assert client.get("/v1/vectors", headers=USER).json() == {
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
+    }
 
 
 def test_every_mutating_route_needs_the_admin_key(make_server):
@@ -194,7 +169,8 @@ def test_every_mutating_route_needs_the_admin_key(make_server):
     # DELETE /v1/vectors/{name}
     attempts(lambda h: client.delete("/v1/vectors/vec", headers=h))
     assert client.get("/v1/vectors/vec", headers=USER).status_code == 200
-    assert client.delete("/v1/vectors/vec", headers=ADMIN).json() == {"deleted": "vec"}
+    deleted = client.delete("/v1/vectors/vec", headers=ADMIN).json()
+    assert deleted == {"deleted": "vec", "versions": [art.sha256]}
     check_error(client.get("/v1/vectors/vec", headers=USER), 404)
     text = client.get("/metrics").text
     assert metric(text, "steer_rejected_requests_total", reason="unauthorized") == 8
@@ -258,7 +234,7 @@ def test_invalid_input_is_400(make_server):
     bad("/generate", {"prompt": "", "max_new_tokens": 3}, "empty")
     bad("/generate", {"prompt": "Hi", "stop": [f"s{i}" for i in range(9)]}, "stop")
     bad("/generate", {"prompt": "Hi", "stop": [""]}, "stop")
-    bad("/v1/chat/completions", {"messages": msgs, "n": 2}, "n=1")
+    bad("/v1/chat/completions", {"messages": msgs, "n": 2}, "'n'")
     bad("/v1/completions", {"prompt": ["a", "b"]}, "single prompt")
     # bad uploads
     for name, data, needle in (
@@ -268,8 +244,10 @@ def test_invalid_input_is_400(make_server):
     ):
         err = check_error(upload(client, name, data), 400)
         assert needle in err["message"], err
-    err = check_error(client.post("/v1/vectors", data={"name": "nofile"}), 400)
+    err = check_error(client.post("/v1/vectors", files={"name": (None, "nofile")}), 400)
     assert "file" in err["message"]
+    err = check_error(client.post("/v1/vectors", data={"name": "nofile"}), 415)  # not multipart
+    assert "multipart/form-data" in err["message"]
     err = check_error(client.post("/v1/vectors", files={"file": ("v.safetensors", b"x")}), 400)
     assert "name" in err["message"]
     err = check_error(client.put("/v1/profiles/bad name", json={"vectors": []}), 400)
@@ -452,7 +430,8 @@ def test_load_failure_keeps_ready_503(make_server, tmp_path):
     with client:  # the lifespan starts loading in the background; it fails
         wait_for(lambda: state.load_error is not None, what="the load to fail")
         err = check_error(client.get("/ready"), 503)
-        assert err["message"].startswith("not ready:") and "no-such-model" in err["message"]
+        # /ready names no path and no library error (they are in the log)
+        assert err["message"] == "not ready: the model failed to load"
         assert client.get("/health").status_code == 200
         check_error(client.post("/generate", json={"prompt": "Hi"}), 503)
 
@@ -479,30 +458,20 @@ def test_draining_refuses_new_requests_and_finishes_old_ones(server, tokenizer):
 
 
 # ---- uploads: pickles are rejected and never executed ---------------------------------------------------
-class _Canary:
-    """Unpickling this creates ``path``: proof that a pickle was executed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
-
-
 def test_pickle_and_torch_save_uploads_are_rejected_and_never_executed(server, tmp_path):
     state, client = server
     # the canary works: unpickling it does create its file
     probe = tmp_path / "probe"
-    pickle.loads(pickle.dumps(_Canary(probe))).close()
+    pickle.loads(pickle.dumps(PickleCanary(probe)))
     assert probe.exists()
 
     canary = tmp_path / "canary"
     buf = io.BytesIO()
-    torch.save({"layers.0.direction": torch.zeros(64), "x": _Canary(canary)}, buf)
+    torch.save({"layers.0.direction": torch.zeros(64), "x": PickleCanary(canary)}, buf)
     uploads = [
-        ("pkl", pickle.dumps(_Canary(canary), protocol=5), "evil.safetensors", "pickle"),
-        ("pkl2", pickle.dumps(_Canary(canary), protocol=2), "evil.pt", "pickle"),
-        ("pkl0", pickle.dumps(_Canary(canary), protocol=0), "evil.pkl", ""),
+        ("pkl", pickle.dumps(PickleCanary(canary), protocol=5), "evil.safetensors", "pickle"),
+        ("pkl2", pickle.dumps(PickleCanary(canary), protocol=2), "evil.pt", "pickle"),
+        ("pkl0", pickle.dumps(PickleCanary(canary), protocol=0), "evil.pkl", ""),
         ("zip", buf.getvalue(), "evil.pt", "zip"),
     ]
     for name, data, filename, needle in uploads:
@@ -510,7 +479,7 @@ def test_pickle_and_torch_save_uploads_are_rejected_and_never_executed(server, t
         assert needle in err["message"], err
     assert not canary.exists()
     assert client.get("/v1/vectors").json()["data"] == []
-    leftovers = [p for p in Path(state.config.vector_dir).rglob("*") if p.is_file()]
+    leftovers = [p for p in Path(state.config.vector_dir).rglob("*") if p.is_file() and p.name != ".lock"]
     assert leftovers == []
     assert metric(client.get("/metrics").text, "steer_vector_uploads_total", result="invalid") == 4
 
@@ -522,7 +491,7 @@ def test_vectors_and_profiles_persist_across_restart(tmp_path, tokenizer):
     model = tiny_llama()
     first, second, red = strong_add(model, seed=2), strong_add(model, seed=7), red_artifact(model)
     state = ServerState(ServerConfig(**cfg))
-    state.load(loaded_model(tokenizer))
+    state.load(tiny_loaded(tokenizer))
     with TestClient(create_app(state)) as client:
         assert upload(client, "vec", first, description="first").status_code == 201
         assert upload(client, "vec", second).status_code == 201
@@ -535,7 +504,7 @@ def test_vectors_and_profiles_persist_across_restart(tmp_path, tokenizer):
         pinned = generate(client, steering={"vectors": [{"name": f"vec@{first.sha256[:8]}"}]})
 
     state2 = ServerState(ServerConfig(**cfg))  # a new process: new model object, same vector_dir
-    state2.load(loaded_model(tokenizer))
+    state2.load(tiny_loaded(tokenizer))
     with TestClient(create_app(state2)) as client:
         assert client.get("/v1/vectors").json()["data"] == vectors
         assert [(v["name"], v["sha256"]) for v in vectors] == [("red", red.sha256), ("vec", second.sha256)]
@@ -563,16 +532,22 @@ def test_steering_response_strength_zero_pins_and_profiles(server):
     plain = generate(client)
     assert plain["steering"]["vectors"] == []
     assert re.fullmatch(r"[0-9a-f]{8,}", plain["steering"]["fingerprint"])
-    steered = generate(client, steering={"vectors": [{"name": "vec", "strength": 1.0}]})
+    steered = generate(
+        client, steering={"vectors": [{"name": "vec", "strength": 1.0, "layers": None, "positions": "all"}]}
+    )
     assert steered["text"] != plain["text"]
-    assert steered["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 1.0}]
+    assert steered["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 1.0, "layers": None, "positions": "all"}
+    ]
     assert re.fullmatch(r"[0-9a-f]{8,}", steered["steering"]["fingerprint"])
     assert steered["steering"]["fingerprint"] != plain["steering"]["fingerprint"]
     assert generate(client, steering={"vectors": [{"name": "vec"}]}) == steered  # reproducible
 
     zero = generate(client, steering={"vectors": [{"name": "vec", "strength": 0}]})
     assert zero["text"] == plain["text"]
-    assert zero["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 0.0}]
+    assert zero["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 0.0, "layers": None, "positions": "all"}
+    ]
     assert zero["steering"]["fingerprint"] != steered["steering"]["fingerprint"]
 
     # a re-upload replaces the current version; the old one stays reachable by pin
@@ -582,14 +557,18 @@ def test_steering_response_strength_zero_pins_and_profiles(server):
     assert steered2["text"] != steered["text"]
     pinned = generate(client, steering={"vectors": [{"name": f"vec@{v1.sha256[:8]}"}]})
     assert pinned["text"] == steered["text"]
-    assert pinned["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 1.0}]
+    assert pinned["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 1.0, "layers": None, "positions": "all"}
+    ]
     assert pinned["steering"]["fingerprint"] == steered["steering"]["fingerprint"]
 
     # a saved profile, by name in `steering` and as the OpenAI `model`
-    profile = {"vectors": [{"name": f"vec@{v1.sha256[:8]}", "strength": 1.0}]}
+    profile = {
+        "vectors": [{"name": f"vec@{v1.sha256[:8]}", "strength": 1.0, "layers": None, "positions": "all"}]
+    }
     saved = client.put("/v1/profiles/calm", json=profile)
     assert saved.status_code == 200 and saved.json()["name"] == "calm"
-    assert client.get("/v1/profiles/calm").json()["vectors"][0]["name"] == f"vec@{v1.sha256[:8]}"
+    assert client.get("/v1/profiles/calm").json()["vectors"][0]["name"] == f"vec@{v1.sha256}"  # pinned
     assert generate(client, steering="calm")["text"] == steered["text"]
     msgs = [{"role": "user", "content": "Tell me a story"}]
     chat = {"messages": msgs, "max_tokens": 6, "temperature": 0}
@@ -774,23 +753,10 @@ def test_metrics_after_requests(server):
 # ---- real socket: a client that disconnects frees its row -------------------------------------------------
 @pytest.fixture
 def live_server(tmp_path, tokenizer) -> Iterator[tuple[ServerState, str]]:
-    import uvicorn
-
     state = ServerState(ServerConfig(vector_dir=tmp_path / "vectors", quantization="none", drain_timeout=5.0))
-    state.load(loaded_model(tokenizer))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", access_log=False))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: uv.started, what="uvicorn to start")
-        yield state, f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    state.load(tiny_loaded(tokenizer))
+    with uvicorn_thread(create_app(state)) as url:
+        yield state, url
 
 
 def running_gauge(http: httpx.Client) -> float | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import add_artifact, lora_artifact, red_artifact, tiny_llama
+from helpers import PickleCanary, add_artifact, lora_artifact, red_artifact, tiny_llama
 from safetensors.torch import save as st_save
 
 from steering_vectors import (
@@ -25,13 +25,6 @@ from steering_vectors import (
 )
 
 CANARY = Path("/tmp/steerserve-pickle-canary")
-
-
-class _Canary:
-    """Unpickling this object would create CANARY: proof that a pickle was executed."""
-
-    def __reduce__(self):
-        return (Path.touch, (CANARY,))
 
 
 def _meta(**over):
@@ -97,11 +90,11 @@ def test_bf16_and_fp16_are_accepted():
 
 def test_pickle_is_rejected_and_never_executed():
     CANARY.unlink(missing_ok=True)
-    data = pickle.dumps({"layers.0.direction": _Canary()})
+    data = pickle.dumps({"layers.0.direction": PickleCanary(CANARY)})
     with pytest.raises(ArtifactError, match="pickle"):
         parse_artifact(data)
     buf = io.BytesIO()
-    torch.save({"layers.0.direction": torch.ones(4), "x": _Canary()}, buf)
+    torch.save({"layers.0.direction": torch.ones(4), "x": PickleCanary(CANARY)}, buf)
     with pytest.raises(ArtifactError, match="zip"):
         parse_artifact(buf.getvalue())
     assert not CANARY.exists()

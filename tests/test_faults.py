@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from helpers import add_artifact, lora_artifact, tiny_llama
+from helpers import PickleCanary, add_artifact, lora_artifact, tiny_llama
 from safetensors.torch import save as st_save
 from tiny_server import TinyServer
 
@@ -298,16 +298,6 @@ def test_fifty_mid_stream_disconnects_free_their_rows(tiny):
 
 
 # ---- malformed and hostile artifacts --------------------------------------------------------------------
-class _Canary:
-    """Unpickling this creates a directory: proof that a pickle ran."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.path),))
-
-
 def _st(tensors: dict[str, torch.Tensor], **meta: str) -> bytes:
     base = {
         "format": "steerserve.v1",
@@ -328,12 +318,12 @@ def _malformed(case: str, model, canary: Path) -> tuple[bytes, list[int], str]:
     """(file bytes, accepted statuses, regex the error message must match) for one hostile upload."""
     valid = add_artifact(model).to_bytes()
     if case == "pickle-canary":
-        return pickle.dumps({"x": _Canary(canary)}, protocol=4), [400], r"pickle"
+        return pickle.dumps({"x": PickleCanary(canary)}, protocol=4), [400], r"pickle"
     if case == "pickle-protocol-0":
-        return pickle.dumps(_Canary(canary), protocol=0), [400], r"header|safetensors"
+        return pickle.dumps(PickleCanary(canary), protocol=0), [400], r"header|safetensors"
     if case == "torch-save-canary":
         buf = io.BytesIO()
-        torch.save({"x": _Canary(canary)}, buf)
+        torch.save({"x": PickleCanary(canary)}, buf)
         return buf.getvalue(), [400], r"zip"
     if case == "header-claims-1TiB":
         return struct.pack("<Q", 1 << 40) + b'{"a":1}' + b" " * 64, [400], r"header of \d+ bytes exceeds"
@@ -438,7 +428,9 @@ BAD_NAMES = {
 
 
 def _snapshot(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()} | {
+    """Files (with sizes) and folders under ``root``, less the directory's lock and change marker."""
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (".lock", ".generation")]
+    return {str(p.relative_to(root)): p.stat().st_size for p in files} | {
         str(p.relative_to(root)) + "/": 0 for p in root.rglob("*") if p.is_dir()
     }
 

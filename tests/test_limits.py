@@ -14,22 +14,19 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
-import uvicorn
-from helpers import add_artifact, tiny_llama
-from tiny_server import free_port
+from helpers import add_artifact, tiny_llama, tiny_loaded, uvicorn_thread
 
-from basemodel import LoadedModel
-from server.app import ServerConfig, ServerState, create_app
+from server.app import create_app
+from server.config import ServerConfig
+from server.state import ServerState
 
 CONTEXT = 128
 CAP = 32
 BODY_LIMIT = 1024 * 1024  # the default
-BODY_TIMEOUT = 1.0
+BODY_TIMEOUT = 3.0  # for the whole body: room for 0.9 MB bodies on a busy 2-core box
 FAST_MS = 50.0
 TIMINGS: dict[str, float] = {}
 
@@ -38,15 +35,7 @@ TIMINGS: dict[str, float] = {}
 def live(tokenizer, tmp_path_factory):
     model = tiny_llama()
     model.config.max_position_embeddings = CONTEXT
-    loaded = LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        model_id="tiny-llama",
-        path=Path("."),
-        quantization="none",
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
+    loaded = tiny_loaded(tokenizer, model=model)
     cfg = ServerConfig(
         vector_dir=tmp_path_factory.mktemp("limits") / "vectors",
         max_new_tokens=CAP,
@@ -57,20 +46,8 @@ def live(tokenizer, tmp_path_factory):
     state.load(loaded)
     assert state.store is not None
     state.store.add("calm", add_artifact(model).to_bytes())
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    with uvicorn_thread(create_app(state)) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client
-    server.should_exit = True
-    thread.join(timeout=30)
     if TIMINGS:
         print("\n4xx median latency (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in TIMINGS.items()))
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import REJECT_REASONS, UPLOAD_RESULTS, Metrics
+from server.observer import EngineObserver
 
 SPEC_TYPES = {
     "steer_requests_total": "counter",
@@ -148,3 +150,19 @@ def test_histograms_accept_any_duration(seconds):
     s = _samples(m.exposition()[0].decode())
     assert s[("steer_time_to_first_token_seconds_count", ())] == 1
     assert s[("steer_time_to_first_token_seconds_bucket", (("le", "+Inf"),))] == 1
+
+
+def test_metrics_implements_the_engine_observer_protocol():
+    """The engine reports through :class:`EngineObserver`; Metrics has each of its methods, same signature."""
+    methods = [n for n, v in vars(EngineObserver).items() if callable(v) and not n.startswith("_")]
+    assert sorted(methods) == [
+        "add_tokens",
+        "observe_batch",
+        "observe_inter_token",
+        "observe_queue_wait",
+        "observe_ttft",
+        "set_queue",
+    ]
+    assert isinstance(Metrics(), EngineObserver)
+    for name in methods:
+        assert inspect.signature(getattr(Metrics, name)) == inspect.signature(getattr(EngineObserver, name))

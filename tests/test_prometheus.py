@@ -5,28 +5,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from helpers import add_artifact
+from helpers import add_artifact, free_port, uvicorn_thread
 
-from server.app import ServerConfig, ServerState, create_app
+from server.app import create_app
+from server.config import ServerConfig
+from server.state import ServerState
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 REQUIRED = os.environ.get("CI") == "true"  # in CI `make test` installs Debian's prometheus: never skip
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -34,19 +27,8 @@ def live_server(tiny_loaded, tmp_path):
     """A tiny-model steerserve over a real socket (uvicorn in a thread)."""
     state = ServerState(ServerConfig(vector_dir=tmp_path / "vectors"))
     state.load(tiny_loaded)
-    port = _port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield url, tiny_loaded.model
-    server.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_thread(create_app(state)) as url:
+        yield url, tiny_loaded.model
 
 
 def _traffic(url: str, model, name: str = "calm") -> None:
@@ -93,7 +75,7 @@ def test_real_prometheus_scrapes_steerserve(live_server, tmp_path: Path):
         "scrape_configs:\n  - job_name: steerserve\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
-    port = _port()
+    port = free_port()
     prom_url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [

@@ -7,7 +7,9 @@ import logging
 
 from fastapi.testclient import TestClient
 
-from server.app import ServerConfig, ServerState, create_app
+from server.app import create_app
+from server.config import ServerConfig
+from server.state import ServerState
 
 
 def _lines(caplog) -> list[dict]:

@@ -9,12 +9,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import pytest
 import torch
 
 from steering_vectors import Artifact
-from tests.helpers import metric
+from tests.helpers import free_port, metric, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,14 +47,6 @@ def direction(seed: int, norm: float = 4.0, layers: range | list[int] = range(LA
         model_type="llama",
         method="mean-diff",
     )
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Live:
@@ -89,17 +79,11 @@ def _steerserve() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[Live]:
     """`steerserve serve` on the default model (unquantized, float32) in a fresh vector directory."""
     tmp = tmp_path_factory.mktemp("live")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEERSERVE_")}
     env["PYTHONUNBUFFERED"] = "1"
     # On a shared CPU, OpenMP's spin-waiting barriers with two intra-op threads made decoding 3-5x slower
@@ -190,7 +174,9 @@ def test_openai_client_chat_streaming_and_extra_body_steering(live):
     assert steered_text != text
     block = steered.model_extra["steering"]
     assert block == steered.to_dict()["steering"]
-    assert block["vectors"] == [{"name": "sea-strong", "sha256": info["sha256"], "strength": 1.0}]
+    assert block["vectors"] == [
+        {"name": "sea-strong", "sha256": info["sha256"], "strength": 1.0, "layers": None, "positions": "all"}
+    ]
     assert block["fingerprint"] and block["fingerprint"] != plain.model_extra["steering"]["fingerprint"]
 
     zero = client.chat.completions.create(
@@ -263,7 +249,9 @@ def test_upload_is_usable_by_the_next_request_and_does_not_disturb_requests_in_f
     sha1 = live.upload("fresh", v1)["sha256"]
     body = {"messages": CITY, "max_new_tokens": 16, "steering": {"vectors": [{"name": "fresh"}]}}
     first = live.http.post("/generate", json=body).json()
-    assert first["steering"]["vectors"] == [{"name": "fresh", "sha256": sha1, "strength": 1.0}]
+    assert first["steering"]["vectors"] == [
+        {"name": "fresh", "sha256": sha1, "strength": 1.0, "layers": None, "positions": "all"}
+    ]
 
     with live.http.stream("POST", "/generate", json={**body, "stream": True}) as resp:
         assert resp.status_code == 200
@@ -273,7 +261,9 @@ def test_upload_is_usable_by_the_next_request_and_does_not_disturb_requests_in_f
         sha2 = live.upload("fresh", v2)["sha256"]  # a new version while the stream is in flight
         assert sha2 != sha1
         after = live.http.post("/generate", json=body).json()  # the very next request uses it
-        assert after["steering"]["vectors"] == [{"name": "fresh", "sha256": sha2, "strength": 1.0}]
+        assert after["steering"]["vectors"] == [
+            {"name": "fresh", "sha256": sha2, "strength": 1.0, "layers": None, "positions": "all"}
+        ]
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     events = [json.loads(line[len("data: ") :]) for line in [head, *rest[:-1]]]
