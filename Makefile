@@ -35,15 +35,16 @@ serve: install
 	$(VENV)/bin/steerserve model prepare
 	$(VENV)/bin/steerserve serve --host $(HOST) --port $(PORT) --quantization auto
 
-# Debian packages the tests use: a real Prometheus server and promtool, curl for the README examples.
+# Debian packages the tests use: a real Prometheus server and promtool, curl for the README examples,
+# Chromium (and a font) for the playground's browser test.
 system-deps:
 	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 \
-	    || ! command -v curl >/dev/null 2>&1; then \
+	    || ! command -v curl >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-				prometheus curl; \
+				prometheus curl chromium fonts-dejavu-core; \
 		else \
-			echo "warning: install Debian's prometheus and curl packages for the full test suite" >&2; \
+			echo "warning: install Debian's prometheus, curl and chromium packages for the full test suite" >&2; \
 		fi; \
 	fi
 

@@ -23,6 +23,7 @@ __all__ = [
     "LoadedModel",
     "bitsandbytes_problem",
     "load_model",
+    "model_skeleton",
     "resolve_device",
     "resolve_dtype",
     "resolve_quantization",
@@ -317,3 +318,15 @@ def load_model(
         dtype=compute_dtype,
         device=dev,
     )
+
+
+def model_skeleton(path: str | Path | None = None) -> Any:
+    """The structure of a model without its weights: the causal LM built from the directory's
+    ``config.json`` (None: the default model) on the meta device, for converters that need its layers,
+    module names and shapes but no computation. Never downloads anything."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = prepare_default_model() if path is None else _check_model_dir(path)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

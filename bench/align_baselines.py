@@ -8,8 +8,9 @@
   seed s draws a random 80 % of the training pairs (the spread is over data). Written as kind ``add``
   (method ``mean-diff``), applied at strength 1 like the library's ``multiplier=1``.
 * ``dpo``: TRL's ``DPOTrainer`` (PyPI 1.16.0) with a peft LoRA (rank 8, alpha 16, ``q_proj``/``v_proj``
-  of every block — the RAHF adapter's shape), sigmoid loss, beta 0.1, on the same pairs. The adapter's
-  A and B matrices are written as kind ``lora`` (method ``dpo``), so the server applies it per request.
+  of every block — the RAHF adapter's shape), sigmoid loss, beta 0.1, on the same pairs. The adapter is
+  saved by peft and converted by ``steering_vectors.peft_io`` (``steerserve vectors import-peft``) to kind
+  ``lora`` (method ``dpo``), so the server applies it per request.
 
 Usage::
 
@@ -33,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from peers import peer_steering_vectors  # noqa: E402
 
-from basemodel import load_model  # noqa: E402
+from basemodel import load_model, model_skeleton  # noqa: E402
 from steering_vectors import Artifact, save_artifact  # noqa: E402
+from steering_vectors.peft_io import import_peft  # noqa: E402
 from training.demo import demo_path  # noqa: E402
 from training.loaders import load_preferences  # noqa: E402
 from training.rahf import default_target_layers  # noqa: E402
@@ -64,19 +66,6 @@ def _rel(path: str) -> str:
 
 def _chat(tok, prompt: list[dict], reply: str) -> str:
     return tok.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=False)
-
-
-def peft_lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA matrices of a peft model under SPEC §4 names (``layers.{l}.{module}.lora_A`` [r, d_in],
-    ``.lora_B`` [d_out, r]); peft keeps the same shapes, and its scaling alpha/r is ours."""
-    tensors = {}
-    for name, p in model.named_parameters():
-        parts = name.split(".")  # ...layers.{l}.self_attn.{q,v}_proj.lora_{A,B}.default.weight
-        if "layers" not in parts or parts[-3] not in ("lora_A", "lora_B"):
-            continue
-        layer = int(parts[parts.index("layers") + 1])
-        tensors[f"layers.{layer}.{parts[-4]}.{parts[-3]}"] = p.detach().float().cpu().clone()
-    return tensors
 
 
 def mean_diff(args: argparse.Namespace) -> dict:
@@ -153,7 +142,8 @@ def dpo(args: argparse.Namespace) -> dict:
     t0 = time.monotonic()
     trainer.train()
     train_s = time.monotonic() - t0
-    tensors = peft_lora_tensors(trainer.model)
+    trainer.model.save_pretrained(out_dir / "peft")  # adapter_config.json + adapter_model.safetensors
+    tensors = import_peft(out_dir / "peft", model_skeleton(args.model)).tensors  # peft wrapped lm.model
     logs = [h for h in trainer.state.log_history if "loss" in h]
     meta = {
         "library": "trl 1.16.0 DPOTrainer + peft LoRA",

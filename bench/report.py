@@ -2,9 +2,10 @@
 
 Usage:  python bench/report.py [--out-dir bench/out]
 
-Reads ``hooks.json`` and ``serving.json`` (``make bench``), ``training.json`` and ``alignment.md``
-(``make eval``); a missing file is skipped with a note. The README's tables are this script's output for
-the run they report, so every figure in them can be traced to one JSON file.
+Reads ``hooks.json``, ``serving.json`` and ``sweep.json`` (``make bench``), ``training.json`` and
+``alignment.md`` (``make eval``), ``compute.json`` (``bench/eval_compute.py``); a missing file is skipped
+with a note. The README's tables are this script's output for the run they report, so every figure in
+them can be traced to one JSON file.
 """
 
 from __future__ import annotations
@@ -139,6 +140,29 @@ def training_table(t: dict) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(s: dict) -> str:
+    med = s["median_s"]
+    return "\n".join(
+        [
+            f"| {s['max_new_tokens']} new tokens, {s['quantization']} | one request | sweep of "
+            f"{len(s['strengths'])} | sweep / one |",
+            "|---|---|---|---|",
+            f"| this run | {med['single']:.1f} s | {med['sweep']:.1f} s | **{s['ratio']:.2f}** |",
+        ]
+    )
+
+
+def compute_table(c: dict) -> str:
+    strengths = list(next(iter(c["methods"].values()))["accuracy"])
+    lines = [
+        "| vector computed from the tone pairs | " + " | ".join(strengths) + " |",
+        "|---" * (len(strengths) + 1) + "|",
+    ]
+    for method, m in c["methods"].items():
+        lines.append(f"| `{method}` | " + " | ".join(f"{m['accuracy'][w]:.1f} %" for w in strengths) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "out")
@@ -146,7 +170,9 @@ def main() -> int:
     for name, fn in (
         ("hooks.json", hooks_table),
         ("serving.json", serving_tables),
+        ("sweep.json", sweep_table),
         ("training.json", training_table),
+        ("compute.json", compute_table),
     ):
         data = _load(args.out_dir / name)
         print(f"<!-- {name} -->")

@@ -6,8 +6,9 @@ bench_engine.py  the engine at its limits: decode step vs context, a long prompt
                  (bench/out/engine.json)
 bench_serving.py steering overhead at batch 1 and 8, distinct profiles, continuous vs static batching,
                  the peer libraries, HTTP vs in-process, resident memory (bench/out/serving.{json,png})
+bench_sweep.py   POST /v1/sweep with 8 strengths vs one request of the same length (bench/out/sweep.json)
 
-Both run with one OpenMP thread (OMP_NUM_THREADS=1 unless set): on a small shared machine the default
+All run with one OpenMP thread (OMP_NUM_THREADS=1 unless set): on a small shared machine the default
 thread team spin-waits against other processes and makes every figure several times noisier.
 The training-cost and alignment evaluations are `make eval` (bench/bench_training.py,
 bench/eval_alignment.py).
@@ -26,6 +27,7 @@ RUNS = [
     ["bench_hooks.py", "--rounds", "12", "--steps", "32", "--profile"],
     ["bench_engine.py", "--rounds", "3"],
     ["bench_serving.py", "--rounds", "5", "--tokens", "32"],
+    ["bench_sweep.py", "--rounds", "6", "--tokens", "32"],
 ]
 
 

@@ -57,13 +57,48 @@ class ServerConfig:
     max_new_tokens: int = _option(1024, "cap on max_new_tokens / max_tokens per request")
     max_upload_bytes: int = _option(64 * 1024 * 1024, "size cap of an uploaded vector file")
     max_body_bytes: int = _option(1024 * 1024, "size cap of any other request body")
-    body_timeout: float = _option(30.0, "seconds a client may leave the request body stalled (then 408)")
+    body_timeout: float = _option(60.0, "seconds a client has to send the whole request body (then 408)")
+    header_timeout: float = _option(10.0, "seconds a client has to send the whole header block (then 408)")
+    max_header_bytes: int = _option(64 * 1024, "size cap of the request line and headers (then 431)")
+    max_connections: int = _option(256, "open connections at most; beyond it 503")
     api_key: str | None = _option(None, "key every route but /health, /ready, /metrics needs", cli=False)
     admin_key: str | None = _option(None, "key the mutating routes need", cli=False)
     drain_timeout: float = _option(30.0, "seconds in-flight requests get to finish after SIGTERM")
     fold: str | None = _option(None, "fold this saved profile into the weights")
+    served_model_name: str | None = _option(
+        None, "the model id in the API (default: the model's folder name)"
+    )
+    allow_model_mismatch: bool = _option(
+        False, "accept artifacts whose model_type / base_model metadata names another model"
+    )
+    max_vectors: int = _option(1000, "vector names the store holds at most; beyond it 409")
+    max_versions: int = _option(20, "versions kept per vector name (the oldest unpinned one goes first)")
     log_prompts: bool = _option(False, "write prompts into the request log")
     log_level: str = _option("info", "log level")
+    compute_max_tokens: int = _option(256, "POST /v1/vectors/compute: tokens per text of a pair")
+    compute_batch_size: int = _option(16, "POST /v1/vectors/compute: texts per forward pass")
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value!r}")
+
+
+#: Limits that must be positive.
+_POSITIVE = (
+    "max_batch_size",
+    "max_queue",
+    "max_new_tokens",
+    "max_upload_bytes",
+    "max_body_bytes",
+    "body_timeout",
+    "header_timeout",
+    "max_header_bytes",
+    "max_connections",
+    "max_vectors",
+    "max_versions",
+)
 
 
 def env_name(name: str) -> str:

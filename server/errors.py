@@ -26,10 +26,12 @@ __all__ = [
     "AuthError",
     "BodyTimeoutError",
     "BodyTooLargeError",
+    "ConflictError",
     "ErrorClass",
     "NotReadyError",
     "UnknownProfileError",
     "UnknownVectorError",
+    "UnsupportedMediaTypeError",
     "classify",
     "error_response",
     "install_error_handlers",
@@ -61,6 +63,15 @@ class BodyTooLargeError(Exception):
 
 class BodyTimeoutError(Exception):
     """The client left the request body stalled for longer than ``--body-timeout`` (HTTP 408)."""
+
+
+class UnsupportedMediaTypeError(Exception):
+    """The body's declared Content-Type is not one the route takes (HTTP 415)."""
+
+
+class ConflictError(Exception):
+    """The request conflicts with the server's state: a vector still used by saved profiles, a full store,
+    a profile named like the served model, steering a folded server with something else (HTTP 409)."""
 
 
 class UnknownVectorError(KeyError):
@@ -107,7 +118,10 @@ _RETRY = {"Retry-After": "5"}
 
 # most specific first: ArtifactTooLargeError and ContextLengthError are ValueErrors too
 _CLASSES: list[tuple[type[BaseException] | tuple[type[BaseException], ...], ErrorClass]] = [
-    ((BodyTooLargeError, ArtifactTooLargeError), ErrorClass(413, "request_too_large", "too_large")),
+    (BodyTooLargeError, ErrorClass(413, "request_too_large", "too_large", {"Connection": "close"})),
+    (ArtifactTooLargeError, ErrorClass(413, "request_too_large", "too_large")),
+    (UnsupportedMediaTypeError, ErrorClass(415, "unsupported_media_type", "invalid")),
+    (ConflictError, ErrorClass(409, "conflict", "conflict")),
     (BodyTimeoutError, ErrorClass(408, "request_timeout", "timeout", {"Connection": "close"})),
     (DrainingError, ErrorClass(503, "unavailable", "draining", _RETRY)),
     (NotReadyError, ErrorClass(503, "unavailable", "not_ready", _RETRY)),
@@ -136,6 +150,8 @@ def error_response(
     status: int, message: str, etype: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The SPEC §6 error body ``{"error": {"message", "type", "code"}}`` with ``status``."""
+    # a message may quote the input: a lone surrogate there must not make the answer unencodable
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": {"message": message, "type": etype, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -182,6 +198,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     for cls in (
         AuthError,
         BodyTooLargeError,
+        BodyTimeoutError,
+        ConflictError,
         ValueError,
         KeyError,
         QueueFullError,

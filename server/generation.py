@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +17,20 @@ from pydantic import BaseModel
 from steering_vectors import CompiledProfile, Profile
 
 from .engine import GenerationResult, RequestHandle, SamplingParams
-from .render import Renderer
-from .schemas import Message, SteeringBody
+from .errors import ConflictError
+from .render import Renderer, steering_info
+from .schemas import Message, SteeringBody, SteeringInfo
 from .state import ServerState
-from .store import VectorStore
 
-__all__ = ["SSE_MEDIA_TYPE", "Generation", "compile_steering", "encode", "encode_chat", "run_generation"]
+__all__ = [
+    "SSE_MEDIA_TYPE",
+    "Generation",
+    "compile_steering",
+    "encode",
+    "encode_chat",
+    "request_id",
+    "run_generation",
+]
 
 access_log = logging.getLogger("steerserve.requests")
 
@@ -31,20 +38,49 @@ SSE_MEDIA_TYPE = "text/event-stream"
 _INLINE_TOKENIZE_CHARS = 16_384
 
 
+def request_id(request: Request) -> str:
+    """The request's id (set by the edge middleware; it is also the ``X-Request-Id`` response header)."""
+    return request.state.request_id
+
+
 def compile_steering(
-    store: VectorStore, steering: str | SteeringBody | None, profile_from_model: str | None = None
-) -> CompiledProfile:
-    """The request's steering compiled for the served model: a saved profile's name, an inline profile,
-    else the profile an OpenAI ``model`` names, else none (the identity)."""
-    if isinstance(steering, str):
-        profile = store.get_profile(steering)
-    elif steering is not None:
+    state: ServerState, steering: str | SteeringBody | None, profile_from_model: str | None = None
+) -> tuple[CompiledProfile, SteeringInfo]:
+    """The request's steering compiled for the served model (a saved profile's name, an inline profile,
+    else the profile an OpenAI ``model`` names, else none) and the ``steering`` block of its response.
+
+    On a server with a folded profile, that profile is the model: a request naming it, or no steering,
+    runs unhooked and is answered with the folded profile's block; any other steering is a
+    :class:`ConflictError` (it would apply on top of the folded weights)."""
+    _, store, _ = state.require_engine()
+    name = steering if isinstance(steering, str) else profile_from_model if steering is None else None
+    if store.folded is not None and state.folded is not None:
+        inline_empty = isinstance(steering, SteeringBody) and not steering.vectors
+        if name in (None, store.folded) and (steering is None or name is not None or inline_empty):
+            return store.compile(Profile()), steering_info(state.folded, folded=store.folded)
+        raise ConflictError(
+            f"this server serves profile {store.folded!r} folded into its weights and applies no other "
+            "steering; send no steering (or that profile), or restart without --fold"
+        )
+    if name is not None:
+        profile = store.get_profile(name)
+    elif isinstance(steering, SteeringBody):
         profile = Profile.from_dict(steering.model_dump(exclude_none=True))
-    elif profile_from_model is not None:
-        profile = store.get_profile(profile_from_model)
     else:
         profile = Profile()
-    return store.compile(profile)
+    compiled = store.compile(profile)
+    return compiled, steering_info(compiled)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """``ValueError`` for text that is not valid Unicode (a lone UTF-16 surrogate from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} contains a lone UTF-16 surrogate (U+{ord(text[e.start]):04X}) at character {e.start}; "
+            "send valid Unicode"
+        ) from None
 
 
 def _chat_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
@@ -56,6 +92,7 @@ def _chat_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
 async def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a prompt. A long one (up to the body limit: ~1 s of tokenizer time) is tokenized in a
     worker thread (the tokenizer releases the GIL), so it never stalls the event loop and other requests."""
+    _check_unicode(text, "prompt")
     if len(text) <= _INLINE_TOKENIZE_CHARS:
         return tokenizer.encode(text, add_special_tokens=False)
     return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
@@ -63,6 +100,8 @@ async def encode(tokenizer: Any, text: str) -> list[int]:
 
 async def encode_chat(tokenizer: Any, messages: list[Message]) -> list[int]:
     """Token ids of a conversation through the model's chat template (long ones in a worker thread)."""
+    for i, m in enumerate(messages):
+        _check_unicode(m.text(), f"messages[{i}].content")
     if sum(len(m.text()) for m in messages) <= _INLINE_TOKENIZE_CHARS:
         return _chat_ids(tokenizer, messages)
     return await asyncio.to_thread(_chat_ids, tokenizer, messages)
@@ -93,7 +132,7 @@ async def run_generation(
         gen.params,
         gen.compiled,
         loop=asyncio.get_running_loop(),
-        request_id=f"req-{uuid.uuid4().hex[:16]}",
+        request_id=request_id(request),
     )
     state.metrics.steered(r["name"] for r in gen.compiled.resolved)
     if not gen.stream:

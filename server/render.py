@@ -4,7 +4,6 @@ and stream chunks alike (``/generate``, OpenAI chat completions, OpenAI completi
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -34,12 +33,11 @@ from .schemas import (
 __all__ = ["ChatRenderer", "CompletionRenderer", "GenerateRenderer", "Renderer", "steering_info"]
 
 
-def steering_info(compiled: CompiledProfile) -> SteeringInfo:
-    """The ``steering`` block of a response: fingerprint and the resolved versions with strengths."""
-    vectors = [
-        ResolvedVector(name=r["name"], sha256=r["sha256"], strength=r["strength"]) for r in compiled.resolved
-    ]
-    return SteeringInfo(fingerprint=compiled.fingerprint, vectors=vectors)
+def steering_info(compiled: CompiledProfile, folded: str | None = None) -> SteeringInfo:
+    """The ``steering`` block of a response: fingerprint and every resolved entry (version, strength,
+    layers, positions); ``folded`` names the profile when it is folded into the weights."""
+    vectors = [ResolvedVector.model_validate(r) for r in compiled.resolved]
+    return SteeringInfo(fingerprint=compiled.fingerprint, vectors=vectors, folded=folded)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> OpenAIUsage:
@@ -88,17 +86,13 @@ class _OpenAIRenderer:
     """What the OpenAI shapes share: id, creation time, model; the last choice chunk of a stream carries
     the steering block, and a usage chunk follows when ``stream_options.include_usage`` asks for one."""
 
-    prefix: ClassVar[str]  # of the id
     objects: ClassVar[tuple[str, str]]  # the ``object`` of a whole response and of a stream chunk
 
+    id: str  # the request id (also the X-Request-Id header and the request log's id)
     steering: SteeringInfo
     model: str
     include_usage: bool = False
-    id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
-
-    def __post_init__(self) -> None:
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
 
     def _header(self, chunk: bool) -> dict[str, Any]:
         kind = self.objects[1] if chunk else self.objects[0]
@@ -120,7 +114,6 @@ class _OpenAIRenderer:
 class ChatRenderer(_OpenAIRenderer):
     """``POST /v1/chat/completions``: ``chat.completion`` and ``chat.completion.chunk`` objects."""
 
-    prefix: ClassVar[str] = "chatcmpl"
     objects: ClassVar[tuple[str, str]] = ("chat.completion", "chat.completion.chunk")
     _role_sent: bool = field(init=False, default=False)
 
@@ -144,9 +137,8 @@ class ChatRenderer(_OpenAIRenderer):
 class CompletionRenderer(_OpenAIRenderer):
     """``POST /v1/completions``: ``text_completion`` objects; ``echo`` prefixes the whole text."""
 
-    prefix: ClassVar[str] = "cmpl"
     objects: ClassVar[tuple[str, str]] = ("text_completion", "text_completion")
-    echo: str = ""
+    echo: str = ""  # the prompt, with ``echo``: before the whole text, or in the first stream chunk
 
     def response(self, result: GenerationResult) -> Completion:
         choice = CompletionChoice(
@@ -156,5 +148,6 @@ class CompletionRenderer(_OpenAIRenderer):
         return Completion(**self._header(chunk=False), choices=[choice], usage=usage, steering=self.steering)
 
     def chunks(self, event: EngineEvent) -> list[BaseModel]:
-        choice = CompletionChoice(index=0, text=event.text, finish_reason=event.finish_reason, logprobs=None)
+        text, self.echo = self.echo + event.text, ""
+        choice = CompletionChoice(index=0, text=text, finish_reason=event.finish_reason, logprobs=None)
         return self._chunks(CompletionChunk, choice, event)

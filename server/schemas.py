@@ -61,8 +61,10 @@ class VectorEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=140)
-    strength: float = 1.0
-    layers: list[int] | None = Field(default=None, max_length=1024)
+    strength: float = Field(default=1.0, ge=-100.0, le=100.0, description="|strength| <= 100")
+    layers: list[int] | None = Field(
+        default=None, min_length=1, max_length=1024, description="a subset of the artifact's layers"
+    )
     positions: Literal["all", "prompt", "generated"] = "all"
 
 
@@ -80,15 +82,23 @@ class ProfileBody(SteeringBody):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A chat message: its role and text (a string, or OpenAI content parts of type ``text``). Other
+    OpenAI message fields (``name``, ``tool_calls``, ...) are kept so that the route can refuse them."""
+
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
-        """The message text (OpenAI content parts of type ``text`` are joined)."""
-        if isinstance(self.content, list):
-            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
-        return self.content or ""
+        """The message text; ``ValueError`` naming a content part that is not text (images, audio...)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for part in self.content:
+            if part.get("type") != "text":
+                raise ValueError(
+                    f"message content parts of type {part.get('type')!r} are not supported (text only)"
+                )
+        return "".join(str(p.get("text", "")) for p in self.content)
 
 
 Steering = str | SteeringBody | None
@@ -146,7 +156,10 @@ class GenerateRequest(_Sampling):
 
 
 class _OpenAIBase(_Sampling):
-    model_config = ConfigDict(extra="ignore")
+    """What both OpenAI routes take. Other fields are kept (``model_extra``): documented OpenAI parameters
+    this server does not serve are refused by name, unknown ones ignored with a warning in the log."""
+
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     n: int = Field(default=1, ge=1)
     stream_options: dict[str, Any] | None = None
@@ -205,6 +218,7 @@ class Status(BaseModel):
 
 class Deleted(BaseModel):
     deleted: str
+    versions: list[str] | None = Field(default=None, description="the sha256 of every version removed")
 
 
 class Usage(BaseModel):
@@ -217,18 +231,25 @@ class OpenAIUsage(Usage):
 
 
 class ResolvedVector(BaseModel):
-    """One resolved entry of the steering applied: the version used and its strength."""
+    """One resolved entry of the steering applied: the version used, its strength, layers and positions."""
 
     name: str
     sha256: str
     strength: float
+    layers: list[int] | None = Field(description="the layers it was restricted to (null: all of its layers)")
+    positions: Literal["all", "prompt", "generated"]
 
 
 class SteeringInfo(BaseModel):
     """The steering a response was generated with: everything needed to reproduce it."""
 
-    fingerprint: str = Field(description="hash of the resolved composition with versions")
+    fingerprint: str = Field(
+        description="hash of the resolved composition (versions, strengths, layers, positions)"
+    )
     vectors: list[ResolvedVector]
+    folded: str | None = Field(
+        default=None, description="the saved profile folded into the served model's weights, if any"
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -329,9 +350,10 @@ class SavedSteering(BaseModel):
 
 
 class ProfileInfo(BaseModel):
-    """A saved profile."""
+    """A saved profile: every entry pinned (``name@sha256``) when it was saved."""
 
     name: str
+    description: str | None = None
     vectors: list[ProfileEntry]
 
 
@@ -350,6 +372,7 @@ class ModelCard(BaseModel):
     quantization: str | None = None
     parent: str | None = None
     steering: SavedSteering | None = None
+    folded: bool | None = Field(default=None, description="the profile is folded into the model's weights")
 
 
 class ModelList(BaseModel):
@@ -358,5 +381,10 @@ class ModelList(BaseModel):
 
 
 class VectorList(BaseModel):
+    """One page of vectors, sorted by name (``?after=<last_id>`` gets the next one)."""
+
     object: Literal["list"] = "list"
     data: list[VectorInfo]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

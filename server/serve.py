@@ -1,12 +1,22 @@
-"""Run the app under uvicorn with a draining shutdown: on SIGTERM the server keeps listening, answers new
-requests with 503, lets in-flight requests finish (up to ``drain_timeout``), then exits."""
+"""Run the app under uvicorn with guarded connections and a draining shutdown.
+
+- Connections: :class:`~server.connection.GuardedProtocol` (header timeout, header size cap, connection
+  cap); the open-file limit is raised to fit ``--max-connections`` (or serving is refused).
+- SIGTERM: the server keeps listening, answers new requests with 503, lets in-flight requests finish (up to
+  ``drain_timeout``), then exits.
+- A model, quantization or ``--fold`` profile that cannot be loaded stops the process with a non-zero exit
+  status and a one-line reason, instead of a server that is alive but never ready.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import resource
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -14,11 +24,15 @@ from basemodel import LoadedModel
 
 from .app import create_app
 from .config import ServerConfig
+from .connection import ConnectionLimits, GuardedProtocol
 from .state import ServerState
 
-__all__ = ["DrainingServer", "serve"]
+__all__ = ["DrainingServer", "serve", "uvicorn_config"]
 
 log = logging.getLogger("steerserve")
+
+#: file descriptors kept free beyond the connection cap: the listener, model files, logs, the vector store
+_SPARE_FDS = 64
 
 
 class DrainingServer(uvicorn.Server):
@@ -50,21 +64,54 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def uvicorn_config(app: Any, config: ServerConfig, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn configuration of ``app`` under ``config``'s connection limits."""
+    limits = ConnectionLimits(
+        header_timeout=config.header_timeout,
+        max_header_bytes=config.max_header_bytes,
+        max_connections=config.max_connections,
+    )
+    options: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "http": functools.partial(GuardedProtocol, limits=limits),
+        "log_level": config.log_level.lower(),
+        "timeout_graceful_shutdown": int(config.drain_timeout) + 5,
+        "access_log": False,
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
+
+
+def ensure_fd_limit(max_connections: int) -> None:
+    """Raise the soft open-file limit to fit ``max_connections`` (``ValueError`` if the hard one is lower)."""
+    need = max_connections + _SPARE_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ValueError(
+            f"--max-connections {max_connections} needs {need} file descriptors but the limit is {hard} "
+            "(raise `ulimit -n` or lower --max-connections)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
 def serve(config: ServerConfig, loaded: LoadedModel | None = None) -> None:
     """Serve ``config`` until a signal drains and stops it.
 
     ``loaded``: an already loaded model, served at once (the engine starts in this thread); without it
-    the model of ``config`` loads at startup while ``/health`` answers and ``/ready`` says 503.
+    the model of ``config`` loads at startup while ``/health`` answers and ``/ready`` says 503. Raises
+    ``ValueError`` for a configuration that cannot be served, and ``SystemExit`` with a one-line reason when
+    loading fails.
     """
+    ensure_fd_limit(config.max_connections)
     state = ServerState(config)
+    state.preflight()
     if loaded is not None:
         state.load(loaded)
-    uv = uvicorn.Config(
-        create_app(state),
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level.lower(),
-        timeout_graceful_shutdown=int(config.drain_timeout) + 5,
-        access_log=False,
-    )
-    DrainingServer(uv, state).run()
+    server = DrainingServer(uvicorn_config(create_app(state), config), state)
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.load_error is not None:
+        raise SystemExit(f"steerserve: error: {state.load_error}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 from basemodel import LoadedModel, load_model
 from steering_vectors import CompiledProfile, fold_profile, install_steering
@@ -13,6 +15,7 @@ from .engine import DrainingError, Engine
 from .errors import NotReadyError
 from .metrics import Metrics
 from .store import VectorStore
+from .vector_dir import VectorDir
 
 __all__ = ["ServerState"]
 
@@ -31,6 +34,23 @@ class ServerState:
         self.folded: CompiledProfile | None = None
         self.load_error: str | None = None
         self.draining = False
+        #: called when loading fails (``steerserve serve`` exits then; in-process /ready stays 503)
+        self.on_load_failure: Callable[[], None] | None = None
+
+    @property
+    def model_id(self) -> str:
+        """The model's id in the API: ``--served-model-name``, else the loaded model's name."""
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        return self.loaded.model_id if self.loaded is not None else ""
+
+    def preflight(self) -> None:
+        """Refuse at once (``ValueError``) a missing model folder or a missing ``--fold`` profile."""
+        cfg = self.config
+        if cfg.model is not None and not Path(cfg.model).is_dir():
+            raise ValueError(f"--model {cfg.model}: no such model directory")
+        if cfg.fold and not VectorDir(cfg.vector_dir).has_profile(cfg.fold):
+            raise ValueError(f"--fold {cfg.fold}: no saved profile of that name in {cfg.vector_dir}")
 
     @property
     def ready(self) -> bool:
@@ -48,12 +68,24 @@ class ServerState:
             cfg.model, quantization=cfg.quantization, dtype=cfg.dtype, device=cfg.device
         )
         hooks = install_steering(loaded.model, max_slots=max(2 * cfg.max_batch_size + 1, 16))
-        store = VectorStore(cfg.vector_dir, hooks.layout, max_bytes=cfg.max_upload_bytes)
+        store = VectorStore(
+            cfg.vector_dir,
+            hooks.layout,
+            max_bytes=cfg.max_upload_bytes,
+            max_vectors=cfg.max_vectors,
+            max_versions=cfg.max_versions,
+            model_names=None if cfg.allow_model_mismatch else (loaded.model_id, loaded.path.name),
+            reserved_names=(cfg.served_model_name or loaded.model_id,),
+        )
         if cfg.fold:
-            self.folded = store.compile(store.get_profile(cfg.fold))
-            fold_profile(loaded.model, self.folded)
+            try:
+                self.folded = store.compile(store.get_profile(cfg.fold))
+                fold_profile(loaded.model, self.folded)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"cannot fold profile {cfg.fold!r}: {e}") from None
+            store.folded = cfg.fold
         self.metrics.set_model_info(
-            model=loaded.model_id,
+            model=cfg.served_model_name or loaded.model_id,
             quantization=loaded.quantization,
             device=str(loaded.device),
             dtype=loaded.dtype_name,
@@ -81,9 +113,12 @@ class ServerState:
             engine = await asyncio.to_thread(self._build, None)
             self.engine = engine.start()
             log.info("model loaded; ready")
-        except Exception as e:  # reported by /ready and the log; the process stays up for /health
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("model load failed")
+        except Exception as e:  # one line in the log; `steerserve serve` exits, in-process /ready says 503
+            self.load_error = "cannot load the model: " + " ".join(f"{type(e).__name__}: {e}".split())[:500]
+            log.error("%s", self.load_error)
+            log.debug("model load failed", exc_info=True)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
 
     def begin_drain(self) -> None:
         """SIGTERM: stop taking requests (503), let the ones in flight finish."""
@@ -96,5 +131,5 @@ class ServerState:
         if self.draining:
             raise DrainingError("server is draining; not accepting new requests")
         if self.engine is None or self.store is None or self.loaded is None:
-            raise NotReadyError(self.load_error or "model is still loading")
+            raise NotReadyError("the model failed to load" if self.load_error else "model is still loading")
         return self.engine, self.store, self.loaded

@@ -4,7 +4,9 @@ Layout (``root`` is the ``--vector-dir``)::
 
     root/{name}/{sha256}.safetensors   every version of vector ``name``, content-addressed
     root/{name}/index.json             current version, description, created time, history of versions
-    root/.profiles/{name}.json         saved profiles
+    root/.profiles/{name}.json         saved profiles (description and pinned entries)
+    root/.lock                         flock(2): exclusive around every change, shared around a reload
+    root/.generation                   changes (atomic rename) with every change of the directory
 
 Crash safety (SPEC §6: "a crash at any moment leaves no half-written vector visible"):
 
@@ -13,7 +15,13 @@ Crash safety (SPEC §6: "a crash at any moment leaves no half-written vector vis
 - an upload writes the artifact file first and the index after it, so the index never names a file that
   is not complete. A crash in between leaves an unreferenced version file, which is never listed;
 - a delete renames the vector's folder to ``root/.{name}.{random}.deleting.tmp`` before removing it;
-- opening the directory removes every leftover ``.*.tmp`` entry.
+- opening the directory removes every leftover ``.*.tmp`` entry (under the exclusive lock, so never a
+  temporary file another process is writing).
+
+Several processes (replicas) may share the directory: every change is made under an exclusive
+``flock`` on ``root/.lock`` (a read-modify-write against the latest state on disk, so two writers lose
+nothing) and ends by replacing ``root/.generation``; readers compare that file's content to the one they
+loaded and reload under a shared lock when it changed.
 
 Names are validated with :func:`steering_vectors.profile.check_name` before they reach the filesystem, so
 no path traversal, separator or control character can ever be part of a path.
@@ -21,13 +29,15 @@ no path traversal, separator or control character can ever be part of a path.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +45,9 @@ from typing import Any
 from steering_vectors.artifact import atomic_write_bytes, fsync_dir
 from steering_vectors.profile import Profile, check_name
 
-__all__ = ["VectorDir", "VectorEntry", "VectorInfo"]
+from .errors import UnknownVectorError
+
+__all__ = ["SavedProfile", "VectorDir", "VectorEntry", "VectorInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +55,8 @@ _INDEX = "index.json"
 _PROFILES = ".profiles"
 _SUFFIX = ".safetensors"
 _INDEX_FORMAT = "steerserve.index.v1"
+_LOCK = ".lock"
+_GENERATION = ".generation"
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -116,6 +130,18 @@ class VectorEntry:
     def shas(self) -> list[str]:
         return [v.sha256 for v in self.versions]
 
+    def match(self, pin: str) -> str:
+        """The version whose sha256 starts with ``pin`` (``KeyError`` if none, ``ValueError`` if several)."""
+        matches = [sha for sha in self.shas() if sha.startswith(pin)]
+        if not matches:
+            raise UnknownVectorError(f"vector {self.name!r} has no version whose sha256 starts with {pin!r}")
+        if len(matches) > 1:
+            raise ValueError(
+                f"version pin {self.name}@{pin} is ambiguous: it matches {len(matches)} versions "
+                f"({', '.join(m[:12] for m in matches)}); use a longer prefix"
+            )
+        return matches[0]
+
     def to_json(self) -> bytes:
         cur = self.current
         doc = {
@@ -127,6 +153,17 @@ class VectorEntry:
             "versions": [v.to_record() for v in self.versions],
         }
         return json.dumps(doc, indent=1).encode()
+
+
+@dataclass(frozen=True)
+class SavedProfile:
+    """A saved profile: its entries (pinned to versions when saved) and its description."""
+
+    profile: Profile
+    description: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"description": self.description, **self.profile.to_dict()}
 
 
 class VectorDir:
@@ -189,17 +226,49 @@ class VectorDir:
             entries[d.name] = VectorEntry(d.name, versions)
         return entries
 
-    def read_profiles(self) -> dict[str, Profile]:
+    def read_profiles(self) -> dict[str, SavedProfile]:
         """Every readable saved profile by name (others are logged, skipped)."""
         profiles = {}
         for p in sorted((self.root / _PROFILES).glob("*.json")):
             name = p.name[: -len(".json")]
             try:
                 check_name(name)
-                profiles[name] = Profile.from_dict(json.loads(p.read_bytes()))
-            except (OSError, ValueError, TypeError) as e:
+                doc = json.loads(p.read_bytes())
+                desc = doc.get("description")
+                profiles[name] = SavedProfile(Profile.from_dict(doc), str(desc) if desc is not None else None)
+            except (OSError, ValueError, TypeError, AttributeError) as e:
                 log.warning("ignoring profile %s: %s", p.name, e)
         return profiles
+
+    def has_profile(self, name: str) -> bool:
+        """Whether a profile ``name`` is saved (a cheap check before anything loads)."""
+        try:
+            return (self.root / _PROFILES / f"{check_name(name)}.json").is_file()
+        except ValueError:
+            return False
+
+    @contextmanager
+    def lock(self, *, shared: bool = False) -> Iterator[None]:
+        """Hold ``flock`` on ``root/.lock``: exclusive for a change, shared for a consistent read."""
+        fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def generation(self) -> bytes:
+        """The directory's change marker (empty before the first change)."""
+        try:
+            return (self.root / _GENERATION).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def bump_generation(self) -> bytes:
+        """Mark a change (under the exclusive lock); returns the new marker."""
+        marker = secrets.token_hex(16).encode()
+        atomic_write_bytes(self.root / _GENERATION, marker)
+        return marker
 
     def write_version(self, entry: VectorEntry, data: bytes) -> None:
         """Write the current version's file (unless stored already), then the index that names it."""
@@ -218,15 +287,20 @@ class VectorDir:
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def write_profile(self, name: str, profile: Profile) -> None:
-        doc = {"name": check_name(name), **profile.to_dict()}
+    def write_profile(self, name: str, saved: SavedProfile) -> None:
+        doc = {"name": check_name(name), **saved.to_dict()}
         atomic_write_bytes(self.root / _PROFILES / f"{name}.json", json.dumps(doc, indent=1).encode())
+
+    def write_index(self, entry: VectorEntry) -> None:
+        """Rewrite a vector's index (e.g. after a version was removed)."""
+        atomic_write_bytes(self.root / entry.name / _INDEX, entry.to_json())
+
+    def remove_version_file(self, name: str, sha: str) -> None:
+        """Remove one version's file (after the index no longer names it)."""
+        self.artifact_path(name, sha).unlink(missing_ok=True)
+        fsync_dir(self.root / name)
 
     def remove_profile(self, name: str) -> None:
         path = self.root / _PROFILES / f"{check_name(name)}.json"
         path.unlink(missing_ok=True)
         fsync_dir(path.parent)
-
-    def temp_dir(self) -> Path:
-        """A fresh ``.*.tmp`` folder inside the directory (removed by the caller, or at the next open)."""
-        return Path(tempfile.mkdtemp(prefix=".upload.", suffix=".tmp", dir=self.root))

@@ -21,9 +21,13 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as st_load
+
+if TYPE_CHECKING:
+    from .arch import ModelLayout
 
 __all__ = [
     "FORMAT",
@@ -81,6 +85,22 @@ class Artifact:
         _validate(self)
         if not self.sha256:
             self.to_bytes()  # sets sha256: an in-memory artifact is versioned like its file would be
+
+    @classmethod
+    def for_model(
+        cls, layout: ModelLayout, kind: str, tensors: dict[str, torch.Tensor], method: str, **fields: Any
+    ) -> Artifact:
+        """An artifact of ``kind`` for the model ``layout`` describes (its hidden size, layer count and
+        type); ``fields`` are the other fields (``lora_alpha``, ``extra``)."""
+        return cls(
+            kind,
+            tensors,
+            hidden_size=layout.hidden_size,
+            num_layers=layout.num_layers,
+            model_type=layout.model_type,
+            method=method,
+            **fields,
+        )
 
     @property
     def layers(self) -> list[int]:

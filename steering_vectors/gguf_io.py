@@ -58,10 +58,14 @@ Decisions here
   nothing. The dropped layers are listed in ``extra["gguf_zero_layers_dropped"]``. A file with only zero
   directions is an error.
 * ``num_layers`` when not given: ``steerserve.num_layers`` if the file carries it (our exports do), else
-  ``max N + 1`` over all direction tensors (zeros included). That is exact for a file that covers the model
-  up to its last layer, which is what both repeng's defaults and cvector-generator produce. Otherwise it is a
-  lower bound, so pass the served model's ``num_layers``. ``controlvector.layer_count`` is not used for
-  this: it counts tensors, not model layers.
+  :class:`LayerCountUnknownError`. The highest direction is never taken for the model's depth (a repeng
+  file for layers 1..19 of a 30-layer model would pass for a 20-layer one), and
+  ``controlvector.layer_count`` is not used for it either: it counts tensors, not model layers.
+* ``model_type``: the file's ``controlvector.model_hint`` (the source model's type); the argument is the
+  fallback for a file without one. The server compares it with the served model.
+* Before the ``gguf`` library parses anything, :func:`~steering_vectors.gguf_header.check_gguf_header`
+  bounds the header (metadata keys, array items, string lengths, tensor count), so a small file cannot
+  declare an enormous metadata array.
 * Export: a non-zero direction at layer 0 cannot be expressed. It raises :class:`ArtifactError` unless
   ``drop_layer0=True``, which omits it and reports it in the result. An all-zero layer-0 direction is
   omitted, since absence is zero, and is also reported. Directions are written as float32 (float16 / bfloat16
@@ -79,18 +83,22 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, ReaderTensor
 
 from .artifact import MAX_ARTIFACT_BYTES, Artifact, ArtifactError, IncompatibleArtifactError, fsync_dir
+from .gguf_header import check_gguf_header
 
 __all__ = [
     "CONTROLVECTOR_ARCH",
     "GGUFExportResult",
+    "LayerCountUnknownError",
     "export_gguf",
     "import_gguf",
+    "import_gguf_bytes",
 ]
 
 CONTROLVECTOR_ARCH = "controlvector"
@@ -101,6 +109,15 @@ _KEY_NUM_LAYERS = "steerserve.num_layers"
 _NAME = re.compile(r"^direction\.(0|[1-9][0-9]{0,5})$")
 _MAX_LAYER = 100_000  # same bound parse_artifact puts on num_layers
 _GGUF_MAGIC = b"GGUF"
+
+
+class LayerCountUnknownError(ArtifactError):
+    """The file does not record its model's layer count and none was given; ``bound`` is the smallest
+    count its directions allow (the highest direction + 1)."""
+
+    def __init__(self, message: str, bound: int) -> None:
+        super().__init__(message)
+        self.bound = bound
 
 
 @dataclass(frozen=True)
@@ -178,17 +195,12 @@ def import_gguf(
     try:
         return _import(p, hidden_size, num_layers, model_type, keep_zero, max_bytes)
     except ArtifactError as e:
-        raise type(e)(f"{p.name}: {e}") from None
+        e.args = (f"{p.name}: {e}",)
+        raise e from None
 
 
-def _import(
-    p: Path,
-    hidden_size: int | None,
-    num_layers: int | None,
-    model_type: str | None,
-    keep_zero: bool,
-    max_bytes: int,
-) -> Artifact:
+def _read_checked(p: Path, max_bytes: int) -> str:
+    """The file's sha256, once its size, magic and header bounds are checked."""
     data = p.read_bytes()
     if len(data) > max_bytes:  # the file grew after stat()
         raise ArtifactError(f"{len(data)} bytes exceeds the {max_bytes}-byte limit")
@@ -202,9 +214,76 @@ def _import(
         else:
             what = f"starts with {data[:4]!r}"
         raise ArtifactError(f"not a GGUF file (no 'GGUF' magic; the file {what})")
-    sha = hashlib.sha256(data).hexdigest()
-    del data
+    check_gguf_header(data)
+    return hashlib.sha256(data).hexdigest()
 
+
+def _direction(t: ReaderTensor, d: int | None) -> tuple[int, np.ndarray]:
+    """(layer, float32 vector) of one ``direction.N`` tensor; ``d``: the length of the others."""
+    m = _NAME.match(t.name)
+    if m is None:
+        raise ArtifactError(
+            f"tensor {t.name!r} is not named direction.N (N a decimal layer number without leading zeros)"
+        )
+    layer = int(m.group(1))
+    if layer == 0:
+        raise ArtifactError(
+            "tensor direction.0 is invalid: llama.cpp numbers control-vector layers from 1 "
+            "(direction.N is added to the output of layer N) and rejects files with direction.0"
+        )
+    if layer >= _MAX_LAYER:
+        raise ArtifactError(f"tensor {t.name}: layer {layer} out of range")
+    dims = [int(x) for x in t.shape]
+    if not dims or any(x != 1 for x in dims[1:]):
+        raise ArtifactError(f"tensor {t.name}: shape {dims} is not 1-D")
+    if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        raise ArtifactError(f"tensor {t.name}: type {t.tensor_type.name}, expected F32 (or F16)")
+    n = dims[0]
+    if n <= 0:
+        raise ArtifactError(f"tensor {t.name}: empty")
+    if d is not None and n != d:
+        raise ArtifactError(f"tensor {t.name}: length {n} does not match the other directions' {d}")
+    try:
+        vec = np.array(t.data, dtype=np.float32).reshape(-1)
+    except Exception as e:
+        raise ArtifactError(f"tensor {t.name}: cannot read its data: {e}") from None
+    if vec.shape != (n,):
+        raise ArtifactError(f"tensor {t.name}: holds {vec.size} values, expected {n}")
+    if not np.isfinite(vec).all():
+        raise ArtifactError(f"tensor {t.name}: contains NaN or Inf values")
+    return layer, vec
+
+
+def _layer_count(top: int, num_layers: int | None, file_layers: int | None, count: int | None) -> int:
+    """The model's layer count: the one given (checked against the highest direction ``top``), else the
+    file's ``steerserve.num_layers``; never guessed (:class:`LayerCountUnknownError`)."""
+    if num_layers is not None:
+        if top >= num_layers:
+            raise IncompatibleArtifactError(
+                f"direction.{top} targets layer {top}, out of range for the served model's "
+                f"{num_layers} layers (valid: direction.1 .. direction.{num_layers - 1})"
+            )
+        return num_layers
+    if file_layers is not None:
+        if not (top < file_layers <= _MAX_LAYER):
+            raise ArtifactError(f"{_KEY_NUM_LAYERS} = {file_layers} but the file has direction.{top}")
+        return file_layers
+    raise LayerCountUnknownError(
+        f"the file does not record its model's layer count ({_KEY_COUNT} = {count} counts direction "
+        f"tensors, not model layers); give the model's number of layers (at least {top + 1})",
+        bound=top + 1,
+    )
+
+
+def _import(
+    p: Path,
+    hidden_size: int | None,
+    num_layers: int | None,
+    model_type: str | None,
+    keep_zero: bool,
+    max_bytes: int,
+) -> Artifact:
+    sha = _read_checked(p, max_bytes)
     try:
         reader = GGUFReader(p, "r")
     except Exception as e:  # the gguf library raises ValueError, KeyError, IndexError... on bad files
@@ -221,71 +300,22 @@ def _import(
     count = _field_value(reader, _KEY_COUNT, "int")
     file_layers = _field_value(reader, _KEY_NUM_LAYERS, "int")
 
-    if not reader.tensors:
-        raise ArtifactError("GGUF control vector holds no direction tensors")
     directions: dict[int, np.ndarray] = {}
     d: int | None = None
     for t in reader.tensors:
-        m = _NAME.match(t.name)
-        if m is None:
-            raise ArtifactError(
-                f"tensor {t.name!r} is not named direction.N (N a decimal layer number without leading zeros)"
-            )
-        layer = int(m.group(1))
-        if layer == 0:
-            raise ArtifactError(
-                "tensor direction.0 is invalid: llama.cpp numbers control-vector layers from 1 "
-                "(direction.N is added to the output of layer N) and rejects files with direction.0"
-            )
-        if layer >= _MAX_LAYER:
-            raise ArtifactError(f"tensor {t.name}: layer {layer} out of range")
-        dims = [int(x) for x in t.shape]
-        if not dims or any(x != 1 for x in dims[1:]):
-            raise ArtifactError(f"tensor {t.name}: shape {dims} is not 1-D")
-        if t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            raise ArtifactError(f"tensor {t.name}: type {t.tensor_type.name}, expected F32 (or F16)")
-        n = dims[0]
-        if n <= 0:
-            raise ArtifactError(f"tensor {t.name}: empty")
-        if d is None:
-            d = n
-        elif n != d:
-            raise ArtifactError(f"tensor {t.name}: length {n} does not match the other directions' {d}")
-        try:
-            vec = np.array(t.data, dtype=np.float32).reshape(-1)
-        except Exception as e:
-            raise ArtifactError(f"tensor {t.name}: cannot read its data: {e}") from None
-        if vec.shape != (d,):
-            raise ArtifactError(f"tensor {t.name}: holds {vec.size} values, expected {d}")
-        if not np.isfinite(vec).all():
-            raise ArtifactError(f"tensor {t.name}: contains NaN or Inf values")
-        directions[layer] = vec
+        layer, directions[layer] = _direction(t, d)
+        d = directions[layer].shape[0]
     del reader
     if d is None:
         raise ArtifactError("GGUF control vector holds no direction tensors")
-
     if hidden_size is not None and hidden_size != d:
         raise IncompatibleArtifactError(
             f"control vector length {d} does not fit the served model's hidden_size {hidden_size}"
         )
-    top = max(directions)
-    if num_layers is not None:
-        if top >= num_layers:
-            raise IncompatibleArtifactError(
-                f"direction.{top} targets layer {top}, out of range for the served model's "
-                f"{num_layers} layers (valid: direction.1 .. direction.{num_layers - 1})"
-            )
-        n_layers = num_layers
-    elif file_layers is not None:
-        if not (top < file_layers <= _MAX_LAYER):
-            raise ArtifactError(f"{_KEY_NUM_LAYERS} = {file_layers} but the file has direction.{top}")
-        n_layers = file_layers
-    else:
-        n_layers = top + 1
-    if model_type is None:
-        if not hint:
-            raise ArtifactError(f"GGUF has no {_KEY_HINT}; pass model_type")
-        model_type = hint
+    n_layers = _layer_count(max(directions), num_layers, file_layers, count)
+    model_type = hint or model_type
+    if not model_type:
+        raise ArtifactError(f"GGUF has no {_KEY_HINT}; pass model_type")
 
     zero = sorted(layer for layer, v in directions.items() if not v.any())
     kept = {layer: v for layer, v in directions.items() if keep_zero or layer not in zero}
@@ -305,6 +335,14 @@ def _import(
         method="gguf-import",
         extra=extra,
     )
+
+
+def import_gguf_bytes(data: bytes, name: str = "upload.gguf", **options: Any) -> Artifact:
+    """:func:`import_gguf` of GGUF bytes (written to a private temporary file the reader maps)."""
+    with tempfile.TemporaryDirectory(prefix="steerserve-gguf-") as tmp:
+        src = Path(tmp) / (Path(name).name or "upload.gguf")
+        src.write_bytes(data)
+        return import_gguf(src, **options)
 
 
 def export_gguf(

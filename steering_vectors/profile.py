@@ -94,6 +94,10 @@ class VectorRef:
         if self.positions not in POSITIONS:
             raise ValueError(f"positions of {self.name!r} must be one of {', '.join(POSITIONS)}")
         if self.layers is not None:
+            if not self.layers:
+                raise ValueError(
+                    f"layers of {self.name!r} is empty: omit it to steer every layer of the vector"
+                )
             if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers):
                 raise ValueError(f"layers of {self.name!r} must be non-negative integers")
             object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
@@ -282,6 +286,9 @@ def _compile(
         art.check_compatible(hidden_size=hidden_size, num_layers=num_layers)
         if ref.layers is not None and ref.layers and ref.layers[-1] >= num_layers:
             raise ValueError(f"{ref.name}: layer {ref.layers[-1]} out of range (model has {num_layers})")
+        missing = sorted(set(ref.layers or ()) - set(art.layers))
+        if missing:
+            raise ValueError(f"{ref.name}: layers {missing} are not among the vector's layers {art.layers}")
         w = float(ref.strength)
         if w == 0.0:
             continue

@@ -1,4 +1,4 @@
-"""The ``steerserve`` console script: serve, model prepare, train, vectors (SPEC §2)."""
+"""The ``steerserve`` console script: serve, model prepare, train, vectors (SPEC §2, §9.2)."""
 
 from __future__ import annotations
 
@@ -48,14 +48,36 @@ def _prepare(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_gguf(path: Path, num_layers: int | None = None, model: str | None = None) -> tuple[Any, bool]:
+    """A control-vector GGUF as an artifact, and whether its layer count is known: from
+    ``num_layers``, the model folder's ``config.json``, or the file itself (our exports record it)."""
+    from steering_vectors.gguf_io import LayerCountUnknownError, import_gguf
+
+    hidden = model_type = None
+    if model is not None:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        num_layers = num_layers or cfg["num_hidden_layers"]
+        hidden, model_type = cfg["hidden_size"], cfg.get("model_type")
+    try:
+        return import_gguf(path, num_layers=num_layers, hidden_size=hidden, model_type=model_type), True
+    except LayerCountUnknownError as e:
+        return import_gguf(path, num_layers=e.bound, hidden_size=hidden, model_type=model_type), False
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1, name)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import hashlib
 
-    from steering_vectors import import_gguf, load_artifact
+    from steering_vectors import load_artifact
 
     path = Path(args.file)
-    art = import_gguf(path) if path.read_bytes()[:4] == b"GGUF" else load_artifact(path)
-    norms = art.norms()
+    gguf = path.read_bytes()[:4] == b"GGUF"
+    art, known = _read_gguf(path) if gguf else (load_artifact(path), True)
+    norms = dict(sorted(art.norms().items(), key=lambda kv: _layer_order(kv[0])))
     report = {
         "file": str(path),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -63,7 +85,7 @@ def _inspect(args: argparse.Namespace) -> int:
         "method": art.method,
         "model_type": art.model_type,
         "hidden_size": art.hidden_size,
-        "num_layers": art.num_layers,
+        "num_layers": art.num_layers if known else None,
         "layers": art.layers,
         "lora_alpha": art.lora_alpha,
         "metadata": art.extra,
@@ -72,6 +94,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    if not known:
+        report["num_layers"] = f"not recorded in the file (at least {art.num_layers})"
     for key in ("file", "sha256", "kind", "method", "model_type", "hidden_size", "num_layers"):
         print(f"{key:12} {report[key]}")
     if art.lora_alpha is not None:
@@ -86,11 +110,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _import_gguf(args: argparse.Namespace) -> int:
-    from steering_vectors import import_gguf, save_artifact
+    from steering_vectors import save_artifact
 
-    art = import_gguf(args.input, num_layers=args.num_layers, model_type=args.model_type)
+    art, known = _read_gguf(Path(args.input), args.num_layers, args.model)
+    if not known:
+        raise ValueError(
+            f"{args.input} does not record its model's layer count (controlvector.layer_count counts "
+            f"its direction tensors); pass --num-layers N or --model DIR (at least {art.num_layers} layers)"
+        )
+    if args.model_type and args.model_type != art.model_type:
+        art.model_type = args.model_type
     sha = save_artifact(art, args.output)
-    print(f"wrote {args.output} (add, layers {art.layers}, sha256 {sha})")
+    print(f"wrote {args.output} (add, layers {art.layers}, {art.num_layers} model layers, sha256 {sha})")
     return 0
 
 
@@ -107,6 +138,53 @@ def _export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers(text: str) -> list[int]:
+    """``"8-12,15"`` -> [8, 9, 10, 11, 12, 15]."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise argparse.ArgumentTypeError(
+                f"invalid layers {text!r}: use numbers and ranges such as 8-12,15"
+            )
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def _compute(args: argparse.Namespace) -> int:
+    from basemodel import load_model
+    from steering_vectors import save_artifact
+    from steering_vectors.compute import compute_from_texts, read_pairs
+
+    lm = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device)
+    texts = read_pairs(args.pairs, lm.tokenizer)
+    extra = {"base_model": lm.model_id, **({"description": args.description} if args.description else {})}
+    options = {k: getattr(args, k) for k in ("method", "layers", "batch_size", "max_tokens")}
+    art = compute_from_texts(lm.model, lm.tokenizer, texts, **options, limit="--max-tokens", extra=extra)
+    sha = save_artifact(art, args.out)
+    rel = json.loads(art.extra["relative_norms"])
+    print(
+        f"wrote {args.out} (add, {args.method} from {len(texts)} pairs, layers {art.layers}, relative norms "
+        f"{min(rel.values()):.4f}-{max(rel.values()):.4f}, sha256 {sha})"
+    )
+    return 0
+
+
+def _import_peft(args: argparse.Namespace) -> int:
+    from basemodel import model_skeleton
+    from steering_vectors import save_artifact
+    from steering_vectors.peft_io import import_peft
+
+    art = import_peft(args.adapter_dir, model_skeleton(args.model))
+    sha = save_artifact(art, args.output)
+    modules = sorted({name.split(".", 2)[2].rsplit(".", 1)[0] for name in art.tensors})
+    print(
+        f"wrote {args.output} (lora, layers {art.layers}, modules {modules}, alpha {art.lora_alpha:g}, "
+        f"sha256 {sha})"
+    )
+    return 0
+
+
 def _upload(args: argparse.Namespace) -> int:
     import httpx
 
@@ -114,16 +192,53 @@ def _upload(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     path = Path(args.file)
     data = {"name": args.name, **({"description": args.description} if args.description else {})}
-    with path.open("rb") as f:
-        resp = httpx.post(
-            args.url.rstrip("/") + "/v1/vectors",
-            data=data,
-            headers=headers,
-            files={"file": (path.name, f, "application/octet-stream")},
-            timeout=120,
-        )
-    print(json.dumps(resp.json(), indent=2))
+    base = args.url.rstrip("/")
+    base = base[: -len("/v1")] if base.endswith("/v1") else base  # the OpenAI base URL works too
+    try:
+        with path.open("rb") as f:
+            resp = httpx.post(
+                base + "/v1/vectors",
+                data=data,
+                headers=headers,
+                files={"file": (path.name, f, "application/octet-stream")},
+                timeout=120,
+            )
+    except httpx.HTTPError as e:
+        raise OSError(f"cannot reach the server at {base}: {e}") from None
+    try:
+        print(json.dumps(resp.json(), indent=2))
+    except ValueError:
+        print(f"HTTP {resp.status_code}: {resp.text[:500]}")
     return 0 if resp.status_code == 201 else 1
+
+
+def _add_vector_makers(vec: Any) -> None:
+    from basemodel import DTYPE_CHOICES, QUANTIZATION_CHOICES
+
+    p = vec.add_parser(
+        "compute",
+        help="add vector from contrastive pairs (mean-diff or PCA of last-token hidden states)",
+        description="Compute an add vector from contrastive pairs on a model's hidden states (repeng / CAA). "
+        'PAIRS is JSONL: {"positive", "negative"} per line, or preference records {"prompt", "chosen", '
+        '"rejected"} (chat-formatted prompt + reply).',
+    )
+    p.add_argument("--pairs", required=True, help="JSONL file of 2-1000 pairs")
+    p.add_argument("--method", choices=("mean-diff", "pca"), default="mean-diff")
+    p.add_argument("--out", required=True, help="the artifact (.safetensors)")
+    p.add_argument(
+        "--layers", type=_layers, default=None, help="e.g. 8-20 or 10,12,14 (default: middle half)"
+    )
+    p.add_argument("--model", default=None, help="local model directory (default: the embedded model)")
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="none")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
+    p.add_argument("--max-tokens", type=int, default=1024, help="longest text, in tokens")
+    p.add_argument("--description", default=None)
+    p = vec.add_parser("import-peft", help="PEFT LoRA adapter directory -> lora artifact")
+    p.add_argument("adapter_dir", help="holds adapter_config.json and adapter_model.safetensors")
+    p.add_argument("output")
+    p.add_argument("--model", default=None, help="the adapter's base model directory (default: embedded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,13 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--num-layers", type=int, default=None, help="layer count of the target model")
-    p.add_argument("--model-type", default=None)
+    p.add_argument("--model", default=None, help="the target model's folder (layer count, hidden size, type)")
+    p.add_argument("--model-type", default=None, help="model_type to record (default: the file's hint)")
     p = vec.add_parser("export-gguf", help="add artifact -> llama.cpp control vector")
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument(
         "--drop-layer0", action="store_true", help="drop a layer-0 direction (llama.cpp cannot apply it)"
     )
+    _add_vector_makers(vec)
     p = vec.add_parser("upload", help="upload an artifact to a running server")
     p.add_argument("file")
     p.add_argument("--name", required=True)
@@ -173,14 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         ("vectors", "inspect"): _inspect,
         ("vectors", "import-gguf"): _import_gguf,
         ("vectors", "export-gguf"): _export_gguf,
+        ("vectors", "compute"): _compute,
+        ("vectors", "import-peft"): _import_peft,
         ("vectors", "upload"): _upload,
     }
-    if args.command == "train":
-        return int(args.run(args) or 0)
     try:
+        if args.command == "train":
+            return int(args.run(args) or 0)
         return handlers[(args.command, getattr(args, "action", None))](args)
-    except (ValueError, OSError) as e:
-        print(f"steerserve: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, KeyError) as e:  # a user's mistake: one line, no traceback
+        message = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        print(f"steerserve: error: {message}", file=sys.stderr)
         return 2
 
 

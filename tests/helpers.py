@@ -203,13 +203,17 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
 
 @contextmanager
 def uvicorn_thread(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a real loopback socket in a thread; yields its URL."""
+    """Serve ``app`` as ``steerserve serve`` does (uvicorn, the guarded connection protocol, the app's
+    config) on a real loopback socket in a thread; yields its URL."""
     import uvicorn
+
+    from server.serve import uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    config = app.state.steerserve.config
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

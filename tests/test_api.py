@@ -104,27 +104,6 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
 
 
 @pytest.fixture
-def make_server(tmp_path: Path, tokenizer: Any) -> Iterator[Callable[..., tuple[ServerState, TestClient]]]:
-    """``make(load=True, **config)`` -> (state, client); loaded ones run their lifespan (engine stops)."""
-    opened: list[TestClient] = []
-
-    def make(*, load: bool = True, seed: int = 0, **overrides: Any) -> tuple[ServerState, TestClient]:
-        overrides.setdefault("vector_dir", tmp_path / "vectors")
-        overrides.setdefault("drain_timeout", 5.0)
-        state = ServerState(ServerConfig(quantization="none", **overrides))
-        client = TestClient(create_app(state))
-        if load:
-            state.load(tiny_loaded(tokenizer, seed))
-            client.__enter__()
-            opened.append(client)
-        return state, client
-
-    yield make
-    for client in reversed(opened):
-        client.__exit__(None, None, None)
-
-
-@pytest.fixture
 def server(make_server):
     return make_server()
 
@@ -152,7 +131,13 @@ def test_api_key_required_except_health_ready_metrics(make_server):
             assert err["type"] == "authentication_error"
     assert generate(client, max_new_tokens=2, headers=USER)["finish_reason"] == "length"
     assert client.get("/v1/models", headers=USER).status_code == 200
-    assert client.get("/v1/vectors", headers=USER).json() == {"object": "list", "data": []}
+    assert client.get("/v1/vectors", headers=USER).json() == {
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
+    }
 
 
 def test_every_mutating_route_needs_the_admin_key(make_server):
@@ -184,7 +169,8 @@ def test_every_mutating_route_needs_the_admin_key(make_server):
     # DELETE /v1/vectors/{name}
     attempts(lambda h: client.delete("/v1/vectors/vec", headers=h))
     assert client.get("/v1/vectors/vec", headers=USER).status_code == 200
-    assert client.delete("/v1/vectors/vec", headers=ADMIN).json() == {"deleted": "vec"}
+    deleted = client.delete("/v1/vectors/vec", headers=ADMIN).json()
+    assert deleted == {"deleted": "vec", "versions": [art.sha256]}
     check_error(client.get("/v1/vectors/vec", headers=USER), 404)
     text = client.get("/metrics").text
     assert metric(text, "steer_rejected_requests_total", reason="unauthorized") == 8
@@ -248,7 +234,7 @@ def test_invalid_input_is_400(make_server):
     bad("/generate", {"prompt": "", "max_new_tokens": 3}, "empty")
     bad("/generate", {"prompt": "Hi", "stop": [f"s{i}" for i in range(9)]}, "stop")
     bad("/generate", {"prompt": "Hi", "stop": [""]}, "stop")
-    bad("/v1/chat/completions", {"messages": msgs, "n": 2}, "n=1")
+    bad("/v1/chat/completions", {"messages": msgs, "n": 2}, "'n'")
     bad("/v1/completions", {"prompt": ["a", "b"]}, "single prompt")
     # bad uploads
     for name, data, needle in (
@@ -258,8 +244,10 @@ def test_invalid_input_is_400(make_server):
     ):
         err = check_error(upload(client, name, data), 400)
         assert needle in err["message"], err
-    err = check_error(client.post("/v1/vectors", data={"name": "nofile"}), 400)
+    err = check_error(client.post("/v1/vectors", files={"name": (None, "nofile")}), 400)
     assert "file" in err["message"]
+    err = check_error(client.post("/v1/vectors", data={"name": "nofile"}), 415)  # not multipart
+    assert "multipart/form-data" in err["message"]
     err = check_error(client.post("/v1/vectors", files={"file": ("v.safetensors", b"x")}), 400)
     assert "name" in err["message"]
     err = check_error(client.put("/v1/profiles/bad name", json={"vectors": []}), 400)
@@ -442,7 +430,8 @@ def test_load_failure_keeps_ready_503(make_server, tmp_path):
     with client:  # the lifespan starts loading in the background; it fails
         wait_for(lambda: state.load_error is not None, what="the load to fail")
         err = check_error(client.get("/ready"), 503)
-        assert err["message"].startswith("not ready:") and "no-such-model" in err["message"]
+        # /ready names no path and no library error (they are in the log)
+        assert err["message"] == "not ready: the model failed to load"
         assert client.get("/health").status_code == 200
         check_error(client.post("/generate", json={"prompt": "Hi"}), 503)
 
@@ -490,7 +479,7 @@ def test_pickle_and_torch_save_uploads_are_rejected_and_never_executed(server, t
         assert needle in err["message"], err
     assert not canary.exists()
     assert client.get("/v1/vectors").json()["data"] == []
-    leftovers = [p for p in Path(state.config.vector_dir).rglob("*") if p.is_file()]
+    leftovers = [p for p in Path(state.config.vector_dir).rglob("*") if p.is_file() and p.name != ".lock"]
     assert leftovers == []
     assert metric(client.get("/metrics").text, "steer_vector_uploads_total", result="invalid") == 4
 
@@ -543,16 +532,22 @@ def test_steering_response_strength_zero_pins_and_profiles(server):
     plain = generate(client)
     assert plain["steering"]["vectors"] == []
     assert re.fullmatch(r"[0-9a-f]{8,}", plain["steering"]["fingerprint"])
-    steered = generate(client, steering={"vectors": [{"name": "vec", "strength": 1.0}]})
+    steered = generate(
+        client, steering={"vectors": [{"name": "vec", "strength": 1.0, "layers": None, "positions": "all"}]}
+    )
     assert steered["text"] != plain["text"]
-    assert steered["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 1.0}]
+    assert steered["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 1.0, "layers": None, "positions": "all"}
+    ]
     assert re.fullmatch(r"[0-9a-f]{8,}", steered["steering"]["fingerprint"])
     assert steered["steering"]["fingerprint"] != plain["steering"]["fingerprint"]
     assert generate(client, steering={"vectors": [{"name": "vec"}]}) == steered  # reproducible
 
     zero = generate(client, steering={"vectors": [{"name": "vec", "strength": 0}]})
     assert zero["text"] == plain["text"]
-    assert zero["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 0.0}]
+    assert zero["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 0.0, "layers": None, "positions": "all"}
+    ]
     assert zero["steering"]["fingerprint"] != steered["steering"]["fingerprint"]
 
     # a re-upload replaces the current version; the old one stays reachable by pin
@@ -562,14 +557,18 @@ def test_steering_response_strength_zero_pins_and_profiles(server):
     assert steered2["text"] != steered["text"]
     pinned = generate(client, steering={"vectors": [{"name": f"vec@{v1.sha256[:8]}"}]})
     assert pinned["text"] == steered["text"]
-    assert pinned["steering"]["vectors"] == [{"name": "vec", "sha256": v1.sha256, "strength": 1.0}]
+    assert pinned["steering"]["vectors"] == [
+        {"name": "vec", "sha256": v1.sha256, "strength": 1.0, "layers": None, "positions": "all"}
+    ]
     assert pinned["steering"]["fingerprint"] == steered["steering"]["fingerprint"]
 
     # a saved profile, by name in `steering` and as the OpenAI `model`
-    profile = {"vectors": [{"name": f"vec@{v1.sha256[:8]}", "strength": 1.0}]}
+    profile = {
+        "vectors": [{"name": f"vec@{v1.sha256[:8]}", "strength": 1.0, "layers": None, "positions": "all"}]
+    }
     saved = client.put("/v1/profiles/calm", json=profile)
     assert saved.status_code == 200 and saved.json()["name"] == "calm"
-    assert client.get("/v1/profiles/calm").json()["vectors"][0]["name"] == f"vec@{v1.sha256[:8]}"
+    assert client.get("/v1/profiles/calm").json()["vectors"][0]["name"] == f"vec@{v1.sha256}"  # pinned
     assert generate(client, steering="calm")["text"] == steered["text"]
     msgs = [{"role": "user", "content": "Tell me a story"}]
     chat = {"messages": msgs, "max_tokens": 6, "temperature": 0}

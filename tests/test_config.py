@@ -60,3 +60,20 @@ def test_an_invalid_environment_value_is_refused_with_its_name(monkeypatch):
     monkeypatch.setenv("STEERSERVE_MAX_QUEUE", "many")
     with pytest.raises(SystemExit):
         _parse([])
+
+
+def test_the_readme_documents_every_option():
+    """Every option (and env-only key) has a row in the README's table of options and limits."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("### Options and limits") : readme.index("Fixed limits:")]
+    for f in fields(ServerConfig):
+        name = f"--{f.name.replace('_', '-')}" if f.metadata["cli"] else env_name(f.name)
+        assert f"`{name}" in table or f"/ `{name}" in table, f"{name} is not in the README's options table"
+
+
+@pytest.mark.parametrize(
+    "option", ["--max-connections", "--header-timeout", "--max-versions", "--body-timeout"]
+)
+def test_limits_must_be_positive(option):
+    with pytest.raises(ValueError, match=f"{option} must be positive"):
+        _parse([option, "0"])

@@ -435,7 +435,9 @@ BAD_NAMES = {
 
 
 def _snapshot(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()} | {
+    """Files (with sizes) and folders under ``root``, less the directory's lock and change marker."""
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (".lock", ".generation")]
+    return {str(p.relative_to(root)): p.stat().st_size for p in files} | {
         str(p.relative_to(root)) + "/": 0 for p in root.rglob("*") if p.is_dir()
     }
 

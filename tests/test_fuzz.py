@@ -8,7 +8,9 @@ enough for that check to mean something). Generation stays cheap: a hook caps th
 token budget of every generated body at a few tokens (the cap itself is covered by tests/test_limits.py).
 Other hooks offer, next to each generated body, a variant nudged past the cheapest rejections and steering
 entries or path names that exist, so the fuzzer reaches compilation, the hooks and generation instead of
-stopping at 400/404 (``test_fuzzing_reached_generation`` guards that).
+stopping at 400/404 (``test_fuzzing_reached_generation`` guards that); OpenAI bodies also get parameters
+this server does not serve (accepted with their neutral values, refused otherwise), and the vector paths
+pinned versions (``name@<sha prefix>``, which DELETE removes one at a time).
 
 Deterministic: Hypothesis ``derandomize`` and a fixed schemathesis seed, so CI sees the same cases every run.
 The operations are driven through ``APIOperation.as_strategy`` with ``@given`` rather than
@@ -48,6 +50,9 @@ MAX_EXAMPLES_BODY = int(os.environ.get("FUZZ_MAX_EXAMPLES_BODY", "30"))
 TOKEN_CAP = 4
 VECTORS = ("calm", "redder", "lora1")
 PROFILE = "calm-profile"
+PINNED: list[str] = []  # "name@<sha prefix>" of stored versions (DELETE one version), set by the fixture
+#: OpenAI parameters this server does not serve: the values that ask for nothing, and ones it refuses
+OPENAI_EXTRAS = ({"tools": [], "response_format": {"type": "text"}, "zeta": 1}, {"logit_bias": {"1": 5}})
 
 CONFIG = schemathesis.Config.from_dict(
     {"seed": SEED, "generation": {"mode": "all", "max-examples": MAX_EXAMPLES_BODY, "deterministic": True}}
@@ -68,6 +73,7 @@ def fuzz_schema(tokenizer, tmp_path):
     store.add("redder", red_artifact(model).to_bytes())
     store.add("lora1", lora_artifact(model).to_bytes())
     store.put_profile(PROFILE, Profile.from_dict({"vectors": [{"name": "calm", "strength": 0.5}]}))
+    PINNED[:] = [f"{name}@{store.get(name).sha256[:8]}" for name in VECTORS]
     loaded_schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(state), config=CONFIG)
     loaded_schema.hook(flatmap_body)
     loaded_schema.hook(flatmap_path_parameters)
@@ -77,6 +83,7 @@ def fuzz_schema(tokenizer, tmp_path):
 
 
 GENERATION_ROUTES = ("/generate", "/v1/chat/completions", "/v1/completions")
+SWEEP = "/v1/sweep"
 
 
 def _is_number(value: object) -> bool:
@@ -86,7 +93,7 @@ def _is_number(value: object) -> bool:
 def _cap_tokens(path: str, body: dict) -> dict:
     """At most TOKEN_CAP new tokens; where the body leaves the budget to the route's default, set it."""
     body = dict(body)
-    keys = ("max_new_tokens",) if path == "/generate" else ("max_tokens", "max_completion_tokens")
+    keys = ("max_new_tokens",) if path in ("/generate", SWEEP) else ("max_tokens", "max_completion_tokens")
     for key in keys:
         if _is_number(body.get(key)) and body[key] > TOKEN_CAP:
             body[key] = TOKEN_CAP
@@ -98,13 +105,17 @@ def _cap_tokens(path: str, body: dict) -> dict:
 def _plausible(path: str, body: dict) -> dict:
     """The same body nudged past the cheapest rejections, so that most cases reach generation."""
     body = dict(body)
-    if path == "/generate":
+    if path in ("/generate", SWEEP):
         if body.get("prompt") is not None and body.get("messages") is not None:
             body.pop("messages")
         elif body.get("prompt") is None and body.get("messages") is None:
             body["prompt"] = "Hello"
     if "n" in body:
         body["n"] = 1
+    if path == SWEEP:
+        body["vector"] = VECTORS[len(str(body.get("vector"))) % len(VECTORS)]
+        if isinstance(body.get("strengths"), list):
+            body["strengths"] = body["strengths"][:8] or [0.0]
     if path == "/v1/completions" and isinstance(body.get("prompt"), list):
         body["prompt"] = body["prompt"][:1] or ["Hello"]
     if path in ("/v1/chat/completions", "/v1/completions") and isinstance(body.get("model"), str):
@@ -120,7 +131,7 @@ def flatmap_body(context, body):
         return st.just(body)
     path = op.path
     bodies = [body]
-    if path in GENERATION_ROUTES:
+    if path in (*GENERATION_ROUTES, SWEEP):
         bodies = [_cap_tokens(path, body), _plausible(path, _cap_tokens(path, body))]
     options = [st.just(b) for b in bodies]
     for b in bodies:
@@ -130,6 +141,8 @@ def flatmap_body(context, body):
             options.append(_renamed(path, b, steering, entries))
         elif path in GENERATION_ROUTES:
             options.append(st.just({**b, "steering": PROFILE}))
+    if path in GENERATION_ROUTES[1:]:
+        options += [st.just({**bodies[-1], **extra}) for extra in OPENAI_EXTRAS]
     return st.one_of(options)
 
 
@@ -150,7 +163,7 @@ def flatmap_path_parameters(context, path_parameters):
     name = path_parameters.get("name") if isinstance(path_parameters, dict) else None
     if op is None or not isinstance(name, str):
         return st.just(path_parameters)
-    known = VECTORS if op.path.startswith("/v1/vectors/") else (PROFILE, "fresh-profile")
+    known = (*VECTORS, *PINNED) if op.path.startswith("/v1/vectors/") else (PROFILE, "fresh-profile")
     return st.sampled_from([path_parameters] + [{**path_parameters, "name": n} for n in known])
 
 
@@ -212,7 +225,7 @@ def test_every_operation_documents_its_bodies():
 
 def test_fuzzing_reached_generation():
     """Guard against a silent loss of depth: the hooks must get cases through to real generation."""
-    ran = [route for route in GENERATION_ROUTES if f"POST {route}" in STATUSES]
+    ran = [route for route in (*GENERATION_ROUTES, SWEEP) if f"POST {route}" in STATUSES]
     if not ran:
         pytest.skip("the fuzz tests did not run in this session")
     for route in ran:

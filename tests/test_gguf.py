@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+import time
 
 import gguf
 import numpy as np
+import psutil
 import pytest
 import torch
 
 from steering_vectors import Artifact, ArtifactError, IncompatibleArtifactError, save_artifact
-from steering_vectors.gguf_io import GGUFExportResult, export_gguf, import_gguf
+from steering_vectors.gguf_header import MAX_ARRAY_ITEMS, MAX_KV
+from steering_vectors.gguf_io import GGUFExportResult, LayerCountUnknownError, export_gguf, import_gguf
 
 D = 16
 
@@ -144,17 +148,21 @@ def test_llama_cpp_layout_maps_onto_the_same_zero_based_layers(tmp_path):
     # Our layers.{l}.direction is that same point, so direction.N -> layers.N (no offset).
     vecs = {1: rand(seed=1), 2: rand(seed=2), 7: rand(seed=7)}
     path = write_cvec(tmp_path / "cv.gguf", {f"direction.{n}": v for n, v in vecs.items()})
-    art = import_gguf(path)
+    with pytest.raises(LayerCountUnknownError, match="at least 8") as err:
+        import_gguf(path)  # no steerserve.num_layers key: the model's depth is never guessed
+    assert err.value.bound == 8
+    art = import_gguf(path, num_layers=8)
     assert art.layers == [1, 2, 7]
     for n, v in vecs.items():
         assert np.array_equal(art.direction(n).numpy(), v)
-    assert art.num_layers == 8  # inferred as max N + 1 (no steerserve.num_layers key in the file)
+    assert art.num_layers == 8
     assert art.hidden_size == D and art.model_type == "llama"
     assert art.extra["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert art.extra["gguf_layer_count"] == "3"
 
     served = import_gguf(path, num_layers=32, hidden_size=D, model_type="mistral")
-    assert served.layers == [1, 2, 7] and served.num_layers == 32 and served.model_type == "mistral"
+    # the file's model hint wins over the fallback model_type (the server compares it with its model)
+    assert served.layers == [1, 2, 7] and served.num_layers == 32 and served.model_type == "llama"
 
 
 def test_repeng_default_layers(tmp_path):
@@ -163,7 +171,7 @@ def test_repeng_default_layers(tmp_path):
     n = 4
     repeng_dirs = {layer: rand(seed=layer) for layer in [i + n for i in range(-1, -n, -1)]}
     path = write_cvec(tmp_path / "repeng.gguf", {f"direction.{k}": v for k, v in repeng_dirs.items()})
-    art = import_gguf(path)
+    art = import_gguf(path, num_layers=n)
     assert art.layers == [1, 2, 3] and art.num_layers == n
     for layer, v in repeng_dirs.items():
         assert np.array_equal(art.direction(layer).numpy(), v)
@@ -173,7 +181,7 @@ def test_cvector_generator_int32_layer_count(tmp_path):
     path = write_cvec(
         tmp_path / "g.gguf", {f"direction.{n}": rand(seed=n) for n in (1, 2, 3)}, int32_count=True
     )
-    art = import_gguf(path)
+    art = import_gguf(path, num_layers=4)
     assert art.layers == [1, 2, 3] and art.extra["gguf_layer_count"] == "3"
 
 
@@ -228,18 +236,18 @@ def test_zero_directions_are_dropped(tmp_path):
             "direction.3": np.zeros(D, np.float32),
         },
     )
-    art = import_gguf(path)
-    assert art.layers == [2] and art.num_layers == 4  # zeros still count towards the inferred depth
+    art = import_gguf(path, num_layers=4)
+    assert art.layers == [2] and art.num_layers == 4
     assert art.extra["gguf_zero_layers_dropped"] == "1,3"
-    assert import_gguf(path, keep_zero=True).layers == [1, 2, 3]
+    assert import_gguf(path, num_layers=4, keep_zero=True).layers == [1, 2, 3]
     allzero = write_cvec(tmp_path / "z.gguf", {"direction.1": np.zeros(D, np.float32)})
     with pytest.raises(ArtifactError, match="all zeros"):
-        import_gguf(allzero)
+        import_gguf(allzero, num_layers=4)
 
 
 def test_f16_is_widened(tmp_path):
     v = rand().astype(np.float16)
-    art = import_gguf(write_cvec(tmp_path / "h.gguf", {"direction.2": v}))
+    art = import_gguf(write_cvec(tmp_path / "h.gguf", {"direction.2": v}), num_layers=3)
     assert art.direction(2).dtype == torch.float32
     assert np.array_equal(art.direction(2).numpy(), v.astype(np.float32))
 
@@ -321,8 +329,8 @@ def test_rejects_non_float_and_2d_tensors(tmp_path):
 def test_rejects_missing_hint_without_model_type(tmp_path):
     path = write_cvec(tmp_path / "nohint.gguf", {"direction.1": rand()}, model_hint=None)
     with pytest.raises(ArtifactError, match="model_hint"):
-        import_gguf(path)
-    assert import_gguf(path, model_type="qwen2").model_type == "qwen2"
+        import_gguf(path, num_layers=2)
+    assert import_gguf(path, num_layers=2, model_type="qwen2").model_type == "qwen2"
 
 
 def test_size_is_checked_first(tmp_path):
@@ -343,3 +351,48 @@ def test_export_refuses_red(tmp_path):
     with pytest.raises(ArtifactError, match="only 'add'"):
         export_gguf(red, tmp_path / "r.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- bounded header parsing (issue 13)
+
+
+def _gguf_bytes(kvs: list[bytes], n_kv: int | None = None, n_tensors: int = 0) -> bytes:
+    """A hand-made GGUF v3 header: the given key/value records, no tensor infos."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs) if n_kv is None else n_kv)
+    return head + b"".join(kvs)
+
+
+def _key(name: str) -> bytes:
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+def test_a_huge_metadata_array_is_refused_before_parsing(tmp_path):
+    # 4 MB: one uint8 array of 4,000,000 items (the gguf library alone took 42 s and +2 GB on this)
+    array = _key("controlvector.junk") + struct.pack("<IIQ", 9, 0, 4_000_000) + bytes(4_000_000)
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(_gguf_bytes([array]))
+    rss = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    with pytest.raises(ArtifactError, match="controlvector.junk.*4000000 items.*limit"):
+        import_gguf(path, num_layers=4)
+    assert time.perf_counter() - t0 < 1.0
+    assert psutil.Process().memory_info().rss - rss < 50e6
+
+
+def test_other_header_bounds(tmp_path):
+    cases = {
+        "keys": (_gguf_bytes([], n_kv=MAX_KV + 1), "metadata keys"),
+        "tensors": (_gguf_bytes([], n_tensors=10**9), "tensors"),
+        "string": (_gguf_bytes([_key("k") + struct.pack("<IQ", 8, 10**9)]), "string of"),
+        "truncated": (_gguf_bytes([_key("k") + struct.pack("<IIQ", 9, 0, MAX_ARRAY_ITEMS)]), "past the end"),
+        "nested": (
+            _gguf_bytes([_key("k") + struct.pack("<IIQ", 9, 9, 1) + struct.pack("<IQ", 0, 1)]),
+            "nested",
+        ),
+        "version": (b"GGUF" + struct.pack("<IQQ", 7, 0, 0), "version 7"),
+    }
+    for label, (data, needle) in cases.items():
+        path = tmp_path / f"{label}.gguf"
+        path.write_bytes(data)
+        with pytest.raises(ArtifactError, match=needle):
+            import_gguf(path, num_layers=4)

@@ -26,7 +26,7 @@ from server.state import ServerState
 CONTEXT = 128
 CAP = 32
 BODY_LIMIT = 1024 * 1024  # the default
-BODY_TIMEOUT = 1.0
+BODY_TIMEOUT = 3.0  # for the whole body: room for 0.9 MB bodies on a busy 2-core box
 FAST_MS = 50.0
 TIMINGS: dict[str, float] = {}
 

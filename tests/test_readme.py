@@ -81,3 +81,37 @@ def test_curl_examples_work_verbatim(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def _sweep_example() -> tuple[dict, dict[float, str]]:
+    """The request of the README's sweep example and the replies its "Choosing a strength" table shows."""
+    block = next(b for b in _blocks("bash") if "/v1/sweep" in b)
+    body = json.loads(re.search(r"-d '(.*?)'", block, flags=re.S).group(1))
+    section = README.split("### Choosing a strength", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\s*\| (-?[\d.]+) \| (.*) \|$", section, flags=re.M)
+    return body, {float(w): text for w, text in rows}
+
+
+@pytest.mark.slow
+def test_the_sweep_shown_is_the_servers_output(tmp_path):
+    """The README's sweep table is the default model's real output (float32), row for row."""
+    from fastapi.testclient import TestClient
+
+    from basemodel import load_model
+    from server.app import create_app
+    from server.config import ServerConfig
+    from server.state import ServerState
+
+    body, shown = _sweep_example()
+    assert sorted(shown) == sorted(body["strengths"])
+    state = ServerState(ServerConfig(quantization="none", vector_dir=tmp_path / "vectors"))
+    state.load(load_model(quantization="none", dtype="float32"))
+    with TestClient(create_app(state)) as client:
+        with (ROOT / "examples" / "polite.safetensors").open("rb") as f:
+            resp = client.post(
+                "/v1/vectors", data={"name": "polite"}, files={"file": ("polite.safetensors", f)}
+            )
+        assert resp.status_code == 201, resp.text
+        res = client.post("/v1/sweep", json=body).json()
+    for row in res["results"]:
+        assert shown[row["strength"]] == " ".join(row["text"].split()), row["strength"]

@@ -174,7 +174,9 @@ def test_openai_client_chat_streaming_and_extra_body_steering(live):
     assert steered_text != text
     block = steered.model_extra["steering"]
     assert block == steered.to_dict()["steering"]
-    assert block["vectors"] == [{"name": "sea-strong", "sha256": info["sha256"], "strength": 1.0}]
+    assert block["vectors"] == [
+        {"name": "sea-strong", "sha256": info["sha256"], "strength": 1.0, "layers": None, "positions": "all"}
+    ]
     assert block["fingerprint"] and block["fingerprint"] != plain.model_extra["steering"]["fingerprint"]
 
     zero = client.chat.completions.create(
@@ -247,7 +249,9 @@ def test_upload_is_usable_by_the_next_request_and_does_not_disturb_requests_in_f
     sha1 = live.upload("fresh", v1)["sha256"]
     body = {"messages": CITY, "max_new_tokens": 16, "steering": {"vectors": [{"name": "fresh"}]}}
     first = live.http.post("/generate", json=body).json()
-    assert first["steering"]["vectors"] == [{"name": "fresh", "sha256": sha1, "strength": 1.0}]
+    assert first["steering"]["vectors"] == [
+        {"name": "fresh", "sha256": sha1, "strength": 1.0, "layers": None, "positions": "all"}
+    ]
 
     with live.http.stream("POST", "/generate", json={**body, "stream": True}) as resp:
         assert resp.status_code == 200
@@ -257,7 +261,9 @@ def test_upload_is_usable_by_the_next_request_and_does_not_disturb_requests_in_f
         sha2 = live.upload("fresh", v2)["sha256"]  # a new version while the stream is in flight
         assert sha2 != sha1
         after = live.http.post("/generate", json=body).json()  # the very next request uses it
-        assert after["steering"]["vectors"] == [{"name": "fresh", "sha256": sha2, "strength": 1.0}]
+        assert after["steering"]["vectors"] == [
+            {"name": "fresh", "sha256": sha2, "strength": 1.0, "layers": None, "positions": "all"}
+        ]
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     events = [json.loads(line[len("data: ") :]) for line in [head, *rest[:-1]]]

@@ -15,7 +15,7 @@ import torch
 from helpers import add_artifact, lora_artifact, red_artifact, tiny_llama
 
 import server.store as store_mod
-from server.errors import ArtifactTooLargeError, UnknownProfileError, UnknownVectorError
+from server.errors import ArtifactTooLargeError, ConflictError, UnknownProfileError, UnknownVectorError
 from server.store import VectorStore
 from steering_vectors import Artifact, Profile, VectorRef, find_layout, load_artifact
 from steering_vectors.artifact import ArtifactError, IncompatibleArtifactError
@@ -47,8 +47,12 @@ def store(root, layout) -> VectorStore:
     return open_store(root, layout)
 
 
+#: the directory's lock and change marker (server/vector_dir.py), present whatever the store holds
+BOOKKEEPING = {".lock", ".generation"}
+
+
 def files_under(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in path.rglob("*")}
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.name not in BOOKKEEPING}
 
 
 # ---------------------------------------------------------------------------- upload / list / get / delete
@@ -204,7 +208,7 @@ def test_persistence_across_restart(root, model, layout):
             ]
         }
     )
-    s1.put_profile("mix", prof)
+    saved = s1.put_profile("mix", prof, "a mix")
     compiled1 = s1.compile(prof)
 
     s2 = open_store(root, layout)
@@ -213,8 +217,8 @@ def test_persistence_across_restart(root, model, layout):
     assert s2.get("p").versions == [v1.sha256, v2.sha256]
     assert s2.get("p").description == "two"
     assert s2.resolve(VectorRef(f"p@{v1.sha256[:6]}")).sha256 == v1.sha256
-    assert s2.list_profiles() == {"mix": prof}
-    assert s2.get_profile("mix") == prof
+    assert s2.list_profiles() == {"mix": saved} and saved.description == "a mix"
+    assert s2.get_profile("mix") == saved.profile
     compiled2 = s2.compile(s2.get_profile("mix"))
     assert compiled2.fingerprint == compiled1.fingerprint
     assert compiled2.resolved == compiled1.resolved
@@ -388,7 +392,7 @@ def test_bad_names_rejected_and_nothing_written(tmp_path, model, layout, name):
         s.add(name, data, filename="x.safetensors")
     with pytest.raises(ValueError, match="invalid name"):
         s.put_profile(name, Profile())
-    with pytest.raises(ValueError, match="invalid name"):
+    with pytest.raises((ValueError, KeyError)):  # name@abcd names a version: unknown here
         s.delete(name)
     with pytest.raises(ValueError, match="invalid name"):
         s.delete_profile(name)
@@ -465,14 +469,23 @@ def test_profiles_crud(store, root, model):
     store.add("a", add_artifact(model).to_bytes(), filename="a.safetensors")
     store.add("b", red_artifact(model).to_bytes(), filename="b.safetensors")
     p = Profile.from_dict({"vectors": [{"name": "a", "strength": 2.0}, {"name": "b", "layers": [0]}]})
-    store.put_profile("both", p)
-    assert store.get_profile("both") == p
+    saved = store.put_profile("both", p, "two vectors")
+    sha_a, sha_b = store.get("a").sha256, store.get("b").sha256
+    pinned = Profile.from_dict(
+        {"vectors": [{"name": f"a@{sha_a}", "strength": 2.0}, {"name": f"b@{sha_b}", "layers": [0]}]}
+    )
+    assert saved.profile == pinned and saved.description == "two vectors"  # pinned when saved
+    assert store.get_profile("both") == pinned
+    assert store.saved_profile("both").description == "two vectors"
     assert store.has_profile("both") and not store.has_profile("none")
     assert json.loads((root / ".profiles" / "both.json").read_text())["vectors"][0]["strength"] == 2.0
     p2 = Profile.from_dict({"vectors": [{"name": "a"}]})
     store.put_profile("both", p2)
     store.put_profile("again", p)
-    assert store.list_profiles() == {"again": p, "both": p2}
+    assert {n: s.profile for n, s in store.list_profiles().items()} == {
+        "again": pinned,
+        "both": Profile.from_dict({"vectors": [{"name": f"a@{sha_a}"}]}),
+    }
     compiled = store.compile(p)
     assert [r["sha256"] for r in compiled.resolved] == [store.get("a").sha256, store.get("b").sha256]
     assert ("resid", 0) in compiled.affine and ("ffn", 0) in compiled.affine
@@ -486,8 +499,10 @@ def test_profiles_crud(store, root, model):
     with pytest.raises(UnknownProfileError, match="both"):
         store.delete_profile("both")
 
-    # a saved profile whose vector is deleted later fails to compile with a 404-type error
-    store.delete("b")
+    # a vector a saved profile uses is deleted only when forced; the profile then fails with a 404-type error
+    with pytest.raises(ConflictError, match="again"):
+        store.delete("b")
+    store.delete("b", force=True)
     with pytest.raises(UnknownVectorError, match="'b'"):
         store.compile(store.get_profile("again"))
 
@@ -537,3 +552,145 @@ def test_concurrent_uploads_and_resolves(store, model):
     assert not errors
     assert len(store) == 9
     assert sorted(store.get("shared").versions) == sorted(a.sha256 for a in arts)
+
+
+# ---------------------------------------------------------------------------- several processes (issue 13)
+
+
+def _hammer(root: str, wid: int, n: int, out: str) -> None:
+    """A second server process's worth of changes on the shared directory: uploads (own names and one
+    shared name), profiles, deletes; writes what was acknowledged to ``out``."""
+    model = tiny_llama()
+    store = VectorStore(root, find_layout(model), max_versions=1000)
+    kept, deleted, shared = [], [], []
+    for i in range(n):
+        name, prof = f"w{wid}-{i}", f"p{wid}-{i}"
+        art = add_artifact(model, seed=wid * 1000 + i)
+        store.add(name, art.to_bytes())
+        shared.append(store.add("shared", add_artifact(model, seed=10**6 + wid * 1000 + i).to_bytes()).sha256)
+        store.put_profile(prof, Profile.from_dict({"vectors": [{"name": name}, {"name": "shared"}]}))
+        if i % 3 == 2:
+            store.delete_profile(prof)
+            store.delete(name)
+            deleted.append(name)
+        else:
+            kept.append([name, art.sha256, prof])
+    Path(out).write_text(json.dumps({"kept": kept, "deleted": deleted, "shared": shared}))
+
+
+def test_two_processes_share_the_directory_without_losing_anything(root, layout, model, tmp_path):
+    import multiprocessing
+
+    first = add_artifact(model, seed=999_999)
+    live = open_store(root, layout, max_versions=1000)  # a third process's view, opened before
+    live.add("shared", first.to_bytes())
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"w{w}.json" for w in range(2)]
+    procs = [ctx.Process(target=_hammer, args=(str(root), w, 12, str(outs[w]))) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    done = [json.loads(o.read_text()) for o in outs]
+    kept = [k for d in done for k in d["kept"]]
+    shared = {first.sha256, *(s for d in done for s in d["shared"])}
+    for view in (live, open_store(root, layout, max_versions=1000)):  # the old view sees it all at once
+        assert set(view.names()) == {"shared", *(k[0] for k in kept)}
+        assert set(view.get("shared").versions) == shared  # no concurrent version was lost
+        assert set(view.list_profiles()) == {k[2] for k in kept}
+        for name, sha, prof in kept:
+            assert view.get(name).sha256 == sha
+            pinned = view.get_profile(prof).vectors[0].name
+            assert pinned == f"{name}@{sha}"
+            view.compile(view.get_profile(prof))
+    leftovers = [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_a_change_by_another_process_is_seen_by_the_next_call(root, layout, model):
+    import subprocess
+    import sys
+
+    mine = open_store(root, layout)
+    assert mine.names() == []
+    script = (
+        "import sys; sys.path.insert(0, 'tests');"
+        "from helpers import add_artifact, tiny_llama; from server.store import VectorStore;"
+        "from steering_vectors import Profile, find_layout;"
+        "m = tiny_llama(); s = VectorStore(sys.argv[1], find_layout(m));"
+        "s.add('fresh', add_artifact(m, seed=5).to_bytes());"
+        "s.put_profile('pf', Profile.from_dict({'vectors': [{'name': 'fresh'}]}))"
+    )
+    subprocess.run([sys.executable, "-c", script, str(root)], check=True, cwd=Path(__file__).parent.parent)
+    assert mine.names() == ["fresh"] and mine.has_profile("pf")  # no reopen: the next call reloads
+    assert mine.resolve("fresh").sha256 == add_artifact(model, seed=5).sha256
+
+
+# ---------------------------------------------------------------------------- lifecycle bounds (issue 13)
+
+
+def test_max_versions_drops_the_oldest_unpinned_version(root, layout, model):
+    s = open_store(root, layout, max_versions=3)
+    arts = [add_artifact(model, seed=s_) for s_ in range(10, 16)]
+    s.add("v", arts[0].to_bytes())
+    s.put_profile("keep", Profile.from_dict({"vectors": [{"name": "v"}]}))  # pins arts[0]
+    for a in arts[1:4]:
+        s.add("v", a.to_bytes())
+    assert s.get("v").versions == [arts[0].sha256, arts[2].sha256, arts[3].sha256]  # arts[1] went first
+    assert not (root / "v" / f"{arts[1].sha256}.safetensors").exists()
+    s.put_profile("keep2", Profile.from_dict({"vectors": [{"name": "v"}]}))  # pins arts[3]
+    s.put_profile("keep3", Profile.from_dict({"vectors": [{"name": f"v@{arts[2].sha256[:12]}"}]}))
+    before = files_under(root)
+    with pytest.raises(ConflictError, match="--max-versions"):
+        s.add("v", arts[4].to_bytes())  # every older version is pinned: nothing is written
+    assert files_under(root) == before and len(s.get("v").versions) == 3
+
+
+def test_max_vectors_bounds_the_names(root, layout, model):
+    s = open_store(root, layout, max_vectors=2)
+    s.add("a", add_artifact(model, seed=1).to_bytes())
+    s.add("b", add_artifact(model, seed=2).to_bytes())
+    with pytest.raises(ConflictError, match="--max-vectors"):
+        s.add("c", add_artifact(model, seed=3).to_bytes())
+    s.add("a", add_artifact(model, seed=4).to_bytes())  # a new version of a known name is fine
+    assert s.names() == ["a", "b"] and not (root / "c").exists()
+
+
+def test_pinned_profiles_survive_reuploads_and_block_deletes(store, root, model):
+    v1 = add_artifact(model, seed=1)
+    store.add("vec", v1.to_bytes())
+    store.put_profile("calm", Profile.from_dict({"vectors": [{"name": "vec", "strength": 0.5}]}))
+    store.add("vec", red_artifact(model).to_bytes())  # another kind under the same name
+    compiled = store.compile(store.get_profile("calm"))
+    assert compiled.resolved[0]["sha256"] == v1.sha256  # the profile still means what it meant
+    with pytest.raises(ConflictError, match="calm"):
+        store.delete(f"vec@{v1.sha256[:8]}")  # the pinned version
+    current = store.get("vec").sha256
+    assert store.delete(f"vec@{current[:8]}") == [current]
+    assert store.get("vec").versions == [v1.sha256]  # the previous version is current again
+    assert store.delete("vec", force=True) == [v1.sha256]
+    assert "vec" not in store and not (root / "vec").exists()
+    with pytest.raises(UnknownVectorError, match="vec"):
+        store.compile(store.get_profile("calm"))
+
+
+def test_reserved_names_and_model_mismatch(root, layout, model):
+    s = open_store(root, layout, model_names=("tiny-llama",), reserved_names=("tiny-llama",))
+    s.add("ok", add_artifact(model).to_bytes())
+    with pytest.raises(ConflictError, match="served model"):
+        s.put_profile("tiny-llama", Profile.from_dict({"vectors": [{"name": "ok"}]}))
+    other_type = add_artifact(model)
+    other_type.model_type = "gpt2"
+    foreign = add_artifact(model, seed=7)
+    foreign.extra["base_model"] = "org/other-model"
+    same = add_artifact(model, seed=8)
+    same.extra["base_model"] = "SomeOrg/Tiny-Llama"
+    with pytest.raises(IncompatibleArtifactError, match="model_type 'gpt2'.*--allow-model-mismatch"):
+        s.add("x", other_type.to_bytes())
+    with pytest.raises(IncompatibleArtifactError, match="base_model 'org/other-model'"):
+        s.add("x", foreign.to_bytes())
+    s.add("x", same.to_bytes())  # the same model under another spelling
+    lenient = open_store(root, layout, model_names=None)
+    lenient.add("y", other_type.to_bytes())
+    lenient.add("z", foreign.to_bytes())

@@ -39,6 +39,7 @@ class TinyServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # extra environment (e.g. STEERSERVE_API_KEY)
 
     def start(self, timeout: float = 120.0) -> TinyServer:
         cmd = [
@@ -50,9 +51,10 @@ class TinyServer:
             str(self.vector_dir),
         ]
         for key, value in self.options.items():
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            cmd += [flag] if value is True else [flag, str(value)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("STEERSERVE_")}
-        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **self.env)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

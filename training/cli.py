@@ -23,6 +23,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``red`` and ``rahf`` on ``subparsers`` (e.g. the one of ``steerserve train``)."""
     p = subparsers.add_parser(
         "red",
+        allow_abbrev=False,
         help="train RED scale/bias edits of the FFN outputs (writes a red artifact)",
         description="RED (Wu et al., 2024): per-layer scale and bias on the FFN output, base model frozen, "
         "loss on the response tokens. Writes OUT, OUT's .log.jsonl, .png, .json and a .ckpt/ dir.",
@@ -31,6 +32,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_red)
     p = subparsers.add_parser(
         "rahf",
+        allow_abbrev=False,  # `--out x` must not pass for --out-dir
         help="train RAHF preference representations (writes add and lora artifacts)",
         description="RAHF (Liu et al., 2024): step 1 SCIT or Dual preference fine-tunes, step 2 hidden-state "
         "differences over the response tokens, step 3 LoRA distillation. Writes add.safetensors, "
@@ -60,6 +62,10 @@ def run_rahf(args: argparse.Namespace) -> int:
     from .rahf import train_rahf
 
     _logging()
+    if args.out_dir.endswith(".safetensors"):
+        raise ValueError(
+            f"--out-dir {args.out_dir} names a folder: rahf writes add.safetensors and more into it"
+        )
     summary = train_rahf(from_args(RahfConfig, args))
     m = summary["metrics"]
     keys = ("wall_s", "peak_rss_mb", "phases")

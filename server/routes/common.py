@@ -10,7 +10,6 @@ from pydantic import BaseModel
 
 from basemodel import LoadedModel
 
-from ..auth import check_admin, check_api_key
 from ..engine import Engine
 from ..generation import SSE_MEDIA_TYPE
 from ..schemas import ErrorBody
@@ -27,8 +26,9 @@ _MEANING = {
     403: "forbidden",
     404: "unknown vector, profile or model",
     408: "request body not received in time",
-    409: "artifact incompatible with the served model",
+    409: "artifact incompatible with the served model, or a conflict with saved state",
     413: "request body too large",
+    415: "unsupported Content-Type",
     422: "body does not match the schema",
     429: "overloaded (see Retry-After)",
     503: "not ready or draining (see Retry-After)",
@@ -44,15 +44,12 @@ State = Annotated[ServerState, Depends(server_state)]
 
 
 def api(state: ServerState, request: Request) -> Ready:
-    """Check the API key, then readiness; the engine, store and model."""
-    check_api_key(state.config, request)
+    """Readiness of a route the API key opens (the edge checked the key): the engine, store and model."""
     return state.require_engine()
 
 
-def admin(state: ServerState, request: Request) -> Ready:
-    """Check the admin key (or the loopback rule), then readiness; the engine, store and model."""
-    check_admin(state.config, request)
-    return state.require_engine()
+#: the same for a mutating route (the edge checked the admin key)
+admin = api
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -101,5 +98,5 @@ def generation_route(response: type[BaseModel], chunk: type[BaseModel]) -> dict[
     the errors it can answer."""
     return {
         "response_model": response,
-        "responses": {**event_stream(chunk), **errors(400, 401, 404, 408, 409, 413, 422, 429, 503)},
+        "responses": {**event_stream(chunk), **errors(400, 401, 404, 408, 409, 413, 415, 422, 429, 503)},
     }

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..generation import Generation, compile_steering, encode, encode_chat, run_generation
-from ..render import GenerateRenderer, steering_info
+from ..openai_compat import check_messages
+from ..render import GenerateRenderer
 from ..schemas import GenerateChunk, GenerateRequest, GenerateResponse
 from .common import State, api, generation_route
 
@@ -20,16 +21,17 @@ async def generate(
     body: GenerateRequest, request: Request, state: State
 ) -> GenerateResponse | StreamingResponse:
     """Generate from a prompt or a conversation, optionally steered (greedy unless a temperature is given)."""
-    _, store, loaded = api(state, request)
+    _, _, loaded = api(state, request)
     if (body.prompt is None) == (body.messages is None):
         raise ValueError("give exactly one of 'prompt' or 'messages'")
+    check_messages(body.messages or [])
     tok = loaded.tokenizer
     ids = (
         await encode(tok, body.prompt)
         if body.prompt is not None
         else await encode_chat(tok, body.messages or [])
     )
-    compiled = compile_steering(store, body.steering)
+    compiled, info = compile_steering(state, body.steering)
     params = body.sampling(state.config.max_new_tokens)
     gen = Generation("/generate", ids, params, compiled, body.stream, body.prompt)
-    return await run_generation(state, request, gen, GenerateRenderer(steering_info(compiled)))
+    return await run_generation(state, request, gen, GenerateRenderer(info))

@@ -25,7 +25,7 @@ async def ready(state: State) -> Status | JSONResponse:
     """The model is loaded and the server is not draining."""
     if state.ready:
         return Status(status="ready")
-    reason = "draining" if state.draining else (state.load_error or "loading")
+    reason = "draining" if state.draining else ("the model failed to load" if state.load_error else "loading")
     return error_response(503, f"not ready: {reason}", "unavailable", {"Retry-After": "5"})
 
 

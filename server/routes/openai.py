@@ -1,5 +1,6 @@
 """The OpenAI-compatible routes: chat completions, completions and the model list (saved profiles are
-listed as models too, and ``model`` may name one)."""
+listed as models too, and ``model`` may name one). Parameters this server does not serve are refused by
+name (:mod:`server.openai_compat`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from basemodel import LoadedModel
-
 from ..errors import UnknownProfileError
-from ..generation import Generation, compile_steering, encode, encode_chat, run_generation
-from ..render import ChatRenderer, CompletionRenderer, steering_info
+from ..generation import Generation, compile_steering, encode, encode_chat, request_id, run_generation
+from ..openai_compat import check_messages, check_openai_params
+from ..render import ChatRenderer, CompletionRenderer
 from ..schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -26,7 +26,6 @@ from ..schemas import (
     SavedSteering,
 )
 from ..state import ServerState
-from ..store import VectorStore
 from .common import State, api, errors, generation_route
 
 __all__ = ["router"]
@@ -34,25 +33,24 @@ __all__ = ["router"]
 router = APIRouter(tags=["openai"])
 
 
-def _profile_of(store: VectorStore, loaded: LoadedModel, model: str | None) -> str | None:
+def _profile_of(state: ServerState, model: str | None) -> str | None:
     """The saved profile an OpenAI ``model`` names (None for the served model itself)."""
-    if model is None or model == loaded.model_id:
+    _, store, _ = state.require_engine()
+    if model is None or model == state.model_id:
         return None
     if store.has_profile(model):
         return model
     raise UnknownProfileError(
-        f"model {model!r} is neither the served model {loaded.model_id!r} nor a saved profile"
+        f"model {model!r} is neither the served model {state.model_id!r} nor a saved profile"
     )
 
 
-def _admit(
-    state: ServerState, request: Request, body: ChatCompletionRequest | CompletionRequest
-) -> LoadedModel:
-    """The access checks, then the one OpenAI parameter value this server does not serve (n > 1)."""
-    _, _, loaded = api(state, request)
+def _admit(state: ServerState, request: Request, body: ChatCompletionRequest | CompletionRequest) -> None:
+    """Readiness, then the OpenAI parameters this server does not serve (refused by name)."""
+    api(state, request)
+    check_openai_params(body, request_id(request))
     if body.n != 1:
-        raise ValueError("only n=1 is supported")
-    return loaded
+        raise ValueError("parameter 'n' must be 1 on this server")
 
 
 async def _complete(
@@ -66,12 +64,14 @@ async def _complete(
     **options: str,
 ) -> BaseModel | StreamingResponse:
     """Resolve the steering (``model`` may name a saved profile), then generate, rendered OpenAI's way."""
-    _, store, loaded = state.require_engine()
-    compiled = compile_steering(store, body.steering, _profile_of(store, loaded, body.model))
+    compiled, info = compile_steering(state, body.steering, _profile_of(state, body.model))
     params = body.sampling(state.config.max_new_tokens)
-    model = body.model or loaded.model_id
     render = renderer(
-        steering=steering_info(compiled), model=model, include_usage=body.include_usage, **options
+        id=request_id(request),
+        steering=info,
+        model=body.model or state.model_id,
+        include_usage=body.include_usage,
+        **options,
     )
     gen = Generation(route, ids, params, compiled, body.stream, prompt_text)
     return await run_generation(state, request, gen, render)
@@ -82,8 +82,9 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, state: State
 ) -> BaseModel | StreamingResponse:
     """OpenAI chat completion; ``steering`` as an extra body field."""
-    loaded = _admit(state, request, body)
-    ids = await encode_chat(loaded.tokenizer, body.messages)
+    _admit(state, request, body)
+    check_messages(body.messages)
+    ids = await encode_chat(state.require_engine()[2].tokenizer, body.messages)
     return await _complete(state, request, body, "/v1/chat/completions", ids, ChatRenderer)
 
 
@@ -91,14 +92,15 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, request: Request, state: State
 ) -> BaseModel | StreamingResponse:
-    """OpenAI (legacy) completion of one prompt; ``steering`` as an extra body field."""
-    loaded = _admit(state, request, body)
+    """OpenAI (legacy) completion of one prompt; ``steering`` as an extra body field; ``echo`` prefixes
+    the prompt (in the first chunk when streaming)."""
+    _admit(state, request, body)
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise ValueError("only a single prompt per request is supported")
         prompt = prompt[0]
-    ids = await encode(loaded.tokenizer, prompt)
+    ids = await encode(state.require_engine()[2].tokenizer, prompt)
     echo = prompt if body.echo else ""
     return await _complete(
         state, request, body, "/v1/completions", ids, CompletionRenderer, prompt, echo=echo
@@ -109,12 +111,19 @@ async def completions(
     "/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=errors(401, 503)
 )
 async def models(request: Request, state: State) -> ModelList:
-    """The served model and every saved profile (a profile is a model id too)."""
+    """The served model and every saved profile (a profile is a model id too). With a folded profile, the
+    served model says so and that profile is the only other id (no other steering applies)."""
     _, store, loaded = api(state, request)
     created = int(time.time())
+    folded = store.folded
     data = [
         ModelCard(
-            id=loaded.model_id, created=created, owned_by="steerserve", quantization=loaded.quantization
+            id=state.model_id,
+            created=created,
+            owned_by="steerserve",
+            quantization=loaded.quantization,
+            folded=True if folded else None,
+            steering=SavedSteering.model_validate(store.get_profile(folded).to_dict()) if folded else None,
         )
     ]
     data += [
@@ -122,9 +131,11 @@ async def models(request: Request, state: State) -> ModelList:
             id=name,
             created=created,
             owned_by="steerserve",
-            parent=loaded.model_id,
-            steering=SavedSteering.model_validate(p.to_dict()),
+            parent=state.model_id,
+            steering=SavedSteering.model_validate(saved.profile.to_dict()),
+            folded=True if folded else None,
         )
-        for name, p in store.list_profiles().items()
+        for name, saved in store.list_profiles().items()
+        if name != state.model_id and (folded is None or name == folded)
     ]
     return ModelList(data=data)
