@@ -1,6 +1,9 @@
 """`make bench`: the serving benchmarks, one after the other, each printing its side-by-side table.
 
 bench_hooks.py   decode-step cost of idle and steered hooks
+bench_engine.py  the engine at its limits: decode step vs context, a long prompt beside running streams,
+                 throughput vs transformers' continuous batching, peak RSS with maximal LoRA profiles
+                 (bench/out/engine.json)
 bench_serving.py steering overhead at batch 1 and 8, distinct profiles, continuous vs static batching,
                  the peer libraries, HTTP vs in-process, resident memory (bench/out/serving.{json,png})
 bench_replicas.py Ray Serve scale-out: 2 replicas vs 1 at concurrency 16, the proxy's cost at
@@ -24,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNS = [
     ["bench_hooks.py", "--rounds", "12", "--steps", "32", "--profile"],
+    ["bench_engine.py", "--rounds", "3"],
     ["bench_serving.py", "--rounds", "5", "--tokens", "32"],
     ["bench_replicas.py", "--rounds", "3", "--tokens", "32"],
     ["bench_sweep.py", "--rounds", "6", "--tokens", "32"],

@@ -14,7 +14,18 @@ from .artifact import (
 from .fold import FoldHandle, fold_profile, folded
 from .gguf_io import CONTROLVECTOR_ARCH, GGUFExportResult, export_gguf, import_gguf
 from .hooks import SlotsExhaustedError, SteeringHooks, install_steering, steering
-from .profile import POSITIONS, CompiledProfile, Profile, VectorRef, compile_profile
+from .profile import (
+    MAX_LORA_RANK,
+    MAX_PROFILE_RANK,
+    MAX_STRENGTH,
+    POSITIONS,
+    CompiledProfile,
+    Profile,
+    VectorRef,
+    check_lora_ranks,
+    compile_profile,
+)
+from .tables import tables_budget_bytes
 
 __all__ = [
     "CONTROLVECTOR_ARCH",
@@ -23,6 +34,9 @@ __all__ = [
     "import_gguf",
     "FORMAT",
     "KINDS",
+    "MAX_LORA_RANK",
+    "MAX_PROFILE_RANK",
+    "MAX_STRENGTH",
     "POSITIONS",
     "Artifact",
     "ArtifactError",
@@ -35,6 +49,7 @@ __all__ = [
     "SteeringHooks",
     "UnsupportedModelError",
     "VectorRef",
+    "check_lora_ranks",
     "compile_profile",
     "find_layout",
     "fold_profile",
@@ -44,4 +59,5 @@ __all__ = [
     "parse_artifact",
     "save_artifact",
     "steering",
+    "tables_budget_bytes",
 ]

@@ -115,6 +115,11 @@ class Artifact:
         """Direction [d] of an ``add`` artifact at ``layer``."""
         return self.tensors[f"layers.{layer}.direction"]
 
+    @property
+    def lora_rank(self) -> int:
+        """The largest rank of a ``lora`` artifact's modules (0 for other kinds)."""
+        return max((t.shape[0] for n, t in self.tensors.items() if n.endswith(".lora_A")), default=0)
+
     def lora_modules(self, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{module: (A [r, d_in], B [d_out, r])} of a ``lora`` artifact at ``layer``."""
         prefix = f"layers.{layer}."

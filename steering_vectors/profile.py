@@ -11,6 +11,11 @@ Strength w:  red ``s' = 1 + w(s-1), b' = w b``;  add ``w v``;  lora ``w * alpha 
 Composition of affine maps f2(f1(h)) with f_i(h) = s_i h + b_i:  ``S = s2 s1``, ``B = s2 b1 + b2``.
 Position classes: index 0 = prompt tokens, 1 = generated tokens (a token is "generated" when the model
 sampled it; during decoding every new input token is generated).
+
+Bounds (SPEC §9.1): |strength| <= 100, a vector at most once per profile, a LoRA artifact's rank at most
+``max_lora_rank`` (default 64) and the ranks of a profile's LoRA entries summed at most
+``max_profile_rank`` (default 128). Compiling is thread-safe and shared: while a compiled profile is
+alive, compiling the same composition (same fingerprint) returns that object instead of a new copy.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import hashlib
 import json
 import math
 import re
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +35,15 @@ import torch
 from .artifact import Artifact
 
 __all__ = [
+    "MAX_LORA_RANK",
+    "MAX_PROFILE_RANK",
     "MAX_STRENGTH",
     "MAX_VECTORS",
     "POSITIONS",
     "CompiledProfile",
     "Profile",
     "VectorRef",
+    "check_lora_ranks",
     "check_name",
     "compile_profile",
     "fingerprint",
@@ -42,6 +52,8 @@ __all__ = [
 POSITIONS = ("all", "prompt", "generated")
 MAX_VECTORS = 16
 MAX_STRENGTH = 100.0
+MAX_LORA_RANK = 64
+MAX_PROFILE_RANK = 128
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _PIN_RE = re.compile(r"[0-9a-f]{4,64}")
 
@@ -77,7 +89,7 @@ class VectorRef:
             raise ValueError(f"strength of {self.name!r} must be a finite number")
         if abs(self.strength) > MAX_STRENGTH:
             raise ValueError(
-                f"strength of {self.name!r} is {self.strength:g}; |strength| must be <= {MAX_STRENGTH:g}"
+                f"strength of {self.name!r} must be within ±{MAX_STRENGTH:g}, got {self.strength}"
             )
         if self.positions not in POSITIONS:
             raise ValueError(f"positions of {self.name!r} must be one of {', '.join(POSITIONS)}")
@@ -109,6 +121,7 @@ class Profile:
     def __post_init__(self) -> None:
         if len(self.vectors) > MAX_VECTORS:
             raise ValueError(f"a profile may hold at most {MAX_VECTORS} vectors, got {len(self.vectors)}")
+        _check_once([r.name for r in self.vectors])
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Profile:
@@ -164,11 +177,47 @@ class CompiledProfile:
         return not self.affine and not self.lora
 
     @property
+    def lora_rank(self) -> int:
+        """The largest stacked LoRA rank at any site (0 without LoRA)."""
+        return max((a.shape[0] for a, _, _ in self.lora.values()), default=0)
+
+    @property
     def position_dependent(self) -> bool:
         """True when prompt and generated tokens get different edits."""
         return any(
             not torch.equal(s[0], s[1]) or not torch.equal(b[0], b[1]) for s, b in self.affine.values()
         ) or any(not torch.equal(m[0], m[1]) for _, _, m in self.lora.values())
+
+
+def _check_once(names: Sequence[str]) -> None:
+    """A vector (a name at one version) appears at most once; two versions of a name are two vectors."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"vector {name!r} appears more than once in the profile")
+        seen.add(name)
+
+
+def check_lora_ranks(
+    entries: Sequence[tuple[VectorRef, Artifact]],
+    *,
+    max_lora_rank: int = MAX_LORA_RANK,
+    max_profile_rank: int = MAX_PROFILE_RANK,
+) -> int:
+    """Check the LoRA bounds of resolved entries; returns the summed rank of their LoRA entries."""
+    total = 0
+    for ref, art in entries:
+        if art.kind != "lora":
+            continue
+        rank = art.lora_rank
+        if rank > max_lora_rank:
+            raise ValueError(f"{ref.name}: LoRA rank {rank} exceeds max_lora_rank {max_lora_rank}")
+        total += rank
+    if total > max_profile_rank:
+        raise ValueError(
+            f"the profile's LoRA ranks sum to {total}, more than max_profile_rank {max_profile_rank}"
+        )
+    return total
 
 
 def _classes(positions: str) -> list[int]:
@@ -181,12 +230,27 @@ def fingerprint(resolved: Sequence[Mapping[str, Any]]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+_SHARED: weakref.WeakValueDictionary[tuple[str, int, int], CompiledProfile] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
 def compile_profile(
-    entries: Sequence[tuple[VectorRef, Artifact]], *, num_layers: int, hidden_size: int
+    entries: Sequence[tuple[VectorRef, Artifact]],
+    *,
+    num_layers: int,
+    hidden_size: int,
+    max_lora_rank: int = MAX_LORA_RANK,
+    max_profile_rank: int = MAX_PROFILE_RANK,
 ) -> CompiledProfile:
-    """Compile resolved entries (in list order) into per-site edits; strength 0 entries vanish exactly."""
+    """Compile resolved entries (in list order) into per-site edits; strength 0 entries vanish exactly.
+
+    Thread-safe (callers may compile off their event loop); a composition that is already compiled
+    and alive is returned as that same object.
+    """
     if len(entries) > MAX_VECTORS:
         raise ValueError(f"a profile may hold at most {MAX_VECTORS} vectors, got {len(entries)}")
+    _check_once([f"{ref.base_name}@{art.sha256}" for ref, art in entries])
+    check_lora_ranks(entries, max_lora_rank=max_lora_rank, max_profile_rank=max_profile_rank)
     resolved = [
         {
             "name": ref.base_name,
@@ -197,7 +261,25 @@ def compile_profile(
         }
         for ref, art in entries
     ]
-    out = CompiledProfile(fingerprint=fingerprint(resolved), resolved=resolved)
+    key = (fingerprint(resolved), num_layers, hidden_size)
+    with _SHARED_LOCK:
+        shared = _SHARED.get(key)
+    if shared is not None:
+        return shared
+    out = _compile(entries, resolved, key[0], num_layers=num_layers, hidden_size=hidden_size)
+    with _SHARED_LOCK:
+        return _SHARED.setdefault(key, out)
+
+
+def _compile(
+    entries: Sequence[tuple[VectorRef, Artifact]],
+    resolved: list[dict[str, Any]],
+    fp: str,
+    *,
+    num_layers: int,
+    hidden_size: int,
+) -> CompiledProfile:
+    out = CompiledProfile(fingerprint=fp, resolved=resolved)
     d = hidden_size
     lora_parts: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, list[int]]]] = {}
     for ref, art in entries:

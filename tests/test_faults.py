@@ -106,10 +106,17 @@ class _Uploader:
                 self.first_ack.set()
 
 
+def _big_lora(model, seed: int) -> bytes:
+    """A valid LoRA artifact over 4 MiB: rank 64 (the largest SPEC §9.1 allows), padded by its description."""
+    art = lora_artifact(model, modules=LORA_MODULES, rank=64, seed=seed)
+    art.extra["description"] = "x" * (5 * MiB)
+    return art.to_bytes()
+
+
 def test_kill_9_during_uploads_keeps_every_acknowledged_vector(tmp_path: Path, model):
     vdir, log = tmp_path / "vectors", tmp_path / "server.log"
     rng = random.Random(20240607)
-    big = [lora_artifact(model, modules=LORA_MODULES, rank=512, seed=s).to_bytes() for s in range(3)]
+    big = [_big_lora(model, seed=s) for s in range(3)]
     assert all(len(b) > 4 * MiB for b in big)
     up = _Uploader(big, [add_artifact(model, seed=s).to_bytes() for s in range(10, 16)])
     for rnd in range(2):

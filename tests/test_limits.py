@@ -46,6 +46,8 @@ def live(tokenizer, tmp_path_factory):
     state.load(loaded)
     assert state.store is not None
     state.store.add("calm", add_artifact(model).to_bytes())
+    for i in range(15):  # a profile names each vector once (SPEC §9.1): 16 distinct ones for the limit
+        state.store.add(f"calm{i}", add_artifact(model, seed=100 + i).to_bytes())
     with uvicorn_thread(create_app(state)) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client
     if TIMINGS:
@@ -204,9 +206,8 @@ def test_too_many_vectors(live):
         422,
         "at most 64",
     )
-    ok = live.post(
-        "/generate", json={"prompt": "Hi", "max_new_tokens": 2, "steering": {"vectors": entries[:16]}}
-    )
+    distinct = [{"name": name, "strength": 0.1} for name in ["calm", *(f"calm{i}" for i in range(15))]]
+    ok = live.post("/generate", json={"prompt": "Hi", "max_new_tokens": 2, "steering": {"vectors": distinct}})
     assert ok.status_code == 200, ok.text
 
 
