@@ -238,13 +238,25 @@ def test_concurrent_uploads_through_both_replicas_all_survive(cluster):
     assert {n: r.status_code for n, r in answers.items()} == dict.fromkeys(names, 201)
     assert len({r.headers[HEADER] for r in answers.values()}) == 2, "the uploads reached only one replica"
 
+    shas = {n: r.json()["sha256"] for n, r in answers.items()}
+
     def lists_all(r: httpx.Response) -> None:
         assert r.status_code == 200, r.text
-        assert set(names) <= {v["name"] for v in r.json()["data"]}
+        listed = {v["name"]: v["sha256"] for v in r.json()["data"]}
+        assert {n: listed.get(n) for n in names} == shas
 
     from_both(lambda: httpx.get(cluster.url + "/v1/vectors?limit=1000", timeout=30), lists_all)
     files = {p.parent.name for p in cluster.vector_dir.glob("*/index.json")}
     assert set(names) <= files
+
+    # every artifact is whole: one request steered by all 16 loads each of them, on both replicas
+    steering = {"vectors": [{"name": n, "strength": 0.1} for n in names]}
+
+    def uses_all(r: httpx.Response) -> None:
+        assert r.status_code == 200, r.text
+        assert {v["name"]: v["sha256"] for v in r.json()["steering"]["vectors"]} == shas
+
+    from_both(lambda: generate(cluster, steering), uses_all)
 
 
 def test_the_admin_key_guards_every_replica(cluster):
