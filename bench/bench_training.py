@@ -4,8 +4,8 @@ Both fine-tune the frozen default model on the sign-off instruction set
 (``training/data/signoff_inst_{train,test}.jsonl``) with the project's loop (``training.loop.run_loop``:
 AdamW, warmup + linear decay, clipping, the same seeded batch order), loss on the response tokens:
 
-* RED: ``training.red.RedModel`` — scale and bias on every FFN output (2·L·d parameters), lr 2e-2 (the
-  RED paper's large learning rate);
+* RED: ``training.red.RedModel`` — scale and bias on every FFN output (2·L·d parameters), lr 2e-2 (this
+  project's RED default, chosen by the sweep in the README; not a learning rate of the paper);
 * LoRA: peft ``LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])``, lr 1e-3.
 
 Each method runs in its own process, so that peak memory is its own: reported are trainable parameters,

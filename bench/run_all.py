@@ -6,6 +6,8 @@ bench_engine.py  the engine at its limits: decode step vs context, a long prompt
                  (bench/out/engine.json)
 bench_serving.py steering overhead at batch 1 and 8, distinct profiles, continuous vs static batching,
                  the peer libraries, HTTP vs in-process, resident memory (bench/out/serving.{json,png})
+bench_replicas.py Ray Serve scale-out: 2 replicas vs 1 at concurrency 16, the proxy's cost at
+                 concurrency 1 (bench/out/replicas.json)
 bench_sweep.py   POST /v1/sweep with 8 strengths vs one request of the same length (bench/out/sweep.json)
 bench_peers_http.py  steerserve serve vs transformers serve --continuous-batching over HTTP, driven by
                  guidellm at concurrency 1, 8, 16 and with a 3-vector profile (bench/out/peers_http.json)
@@ -29,6 +31,7 @@ RUNS = [
     ["bench_hooks.py", "--rounds", "12", "--steps", "32", "--profile"],
     ["bench_engine.py", "--rounds", "3"],
     ["bench_serving.py", "--rounds", "5", "--tokens", "32"],
+    ["bench_replicas.py", "--rounds", "3", "--tokens", "32"],
     ["bench_sweep.py", "--rounds", "6", "--tokens", "32"],
     ["bench_peers_http.py", "--rounds", "2"],
 ]

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from basemodel import DTYPE_CHOICES, QUANTIZATION_CHOICES
 
-__all__ = ["ENV_PREFIX", "ServerConfig", "add_serve_options", "config_from_args", "env_name"]
+__all__ = [
+    "ENV_PREFIX",
+    "ServerConfig",
+    "add_serve_options",
+    "config_from_args",
+    "config_from_mapping",
+    "env_name",
+]
 
 ENV_PREFIX = "STEERSERVE_"
 _TRUE = ("1", "true")
@@ -81,6 +89,26 @@ class ServerConfig:
     max_versions: int = _option(20, "versions kept per vector name (the oldest unpinned one goes first)")
     log_prompts: bool = _option(False, "write prompts into the request log")
     log_level: str = _option("info", "log level")
+    replicas: int = _option(
+        0, "serve N Ray Serve replicas behind Ray Serve's HTTP proxy (0: one process, no Ray)"
+    )
+    ray_address: str | None = _option(
+        None, "with --replicas: the Ray cluster to join (default: start a local one)"
+    )
+    min_replicas: int = _option(
+        0, "with --replicas: autoscale on ongoing requests, at least this many replicas"
+    )
+    max_replicas: int = _option(
+        0, "with --replicas: autoscale on ongoing requests, at most this many replicas"
+    )
+    replica_cpus: float = _option(
+        0.0,
+        "with --replicas: CPUs (and torch threads) per replica (0: the cluster's CPUs split between them)",
+    )
+    metrics_sd_file: str | None = _option(
+        None,
+        "with --replicas: keep a Prometheus file_sd list of the replicas' metrics endpoints in this file",
+    )
     compute_max_tokens: int = _option(256, "POST /v1/vectors/compute: tokens per text of a pair")
     compute_batch_size: int = _option(16, "POST /v1/vectors/compute: texts per forward pass")
 
@@ -92,6 +120,7 @@ class ServerConfig:
         for name in ("kv_cache_tokens", "max_batched_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (automatic) or positive")
+        _check_replicas(self)
 
 
 #: Limits that must be positive.
@@ -110,6 +139,28 @@ _POSITIVE = (
     "max_lora_rank",
     "max_profile_rank",
 )
+
+
+#: Options that only mean something with ``--replicas``.
+_REPLICA_ONLY = ("ray_address", "min_replicas", "max_replicas", "replica_cpus", "metrics_sd_file")
+
+
+def _check_replicas(cfg: ServerConfig) -> None:
+    """``ValueError`` naming the option for replica settings that cannot work together."""
+    if cfg.replicas < 0 or cfg.replica_cpus < 0:
+        raise ValueError("--replicas and --replica-cpus must not be negative")
+    if not cfg.replicas:
+        given = [f"--{n.replace('_', '-')}" for n in _REPLICA_ONLY if getattr(cfg, n)]
+        if given:
+            raise ValueError(f"{', '.join(given)} needs --replicas N")
+        return
+    if bool(cfg.min_replicas) != bool(cfg.max_replicas):
+        raise ValueError("autoscaling needs both --min-replicas and --max-replicas")
+    if cfg.max_replicas and not 1 <= cfg.min_replicas <= cfg.replicas <= cfg.max_replicas:
+        raise ValueError(
+            "--min-replicas A --replicas N --max-replicas B need 1 <= A <= N <= B, "
+            f"got {cfg.min_replicas}, {cfg.replicas}, {cfg.max_replicas}"
+        )
 
 
 def env_name(name: str) -> str:
@@ -157,3 +208,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"invalid {env_name(f.name)} {value!r}: choose one of {', '.join(choices)}")
         values[f.name] = value
     return ServerConfig(**values)
+
+
+def config_from_mapping(options: Mapping[str, Any]) -> ServerConfig:
+    """The config of ``{option: value}`` (``max_batch_size`` or ``max-batch-size``), read like the command
+    line (same conversions, choices and environment defaults); ``ValueError`` naming an unknown option."""
+    parser = argparse.ArgumentParser(prog="steerserve serve", exit_on_error=False)
+    add_serve_options(parser)
+    known = {f.name for f in fields(ServerConfig) if f.metadata["cli"]}
+    argv: list[str] = []
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"unknown serve option {key!r}")
+        if value is None or value is False:
+            continue
+        argv += ["--" + name.replace("_", "-")] + ([] if value is True else [str(value)])
+    try:
+        return config_from_args(parser.parse_args(argv))
+    except argparse.ArgumentError as e:
+        raise ValueError(str(e)) from None

@@ -8,14 +8,17 @@ or tests in one process do not collide. Label values are bounded:
 - ``status`` is the numeric HTTP status as a string;
 - ``vector`` is the name of a *registered* vector: callers pass only names that exist in the store
   (e.g. the ``name`` fields of ``CompiledProfile.resolved``) and call :meth:`Metrics.forget_vector` when
-  a vector is deleted;
+  a vector is deleted; with :meth:`Metrics.track_vectors` every exposition also drops the series of
+  vectors deleted by another process sharing the vector directory (a replica), and sets
+  ``steer_vectors_loaded`` from the directory, not from this process's own uploads;
 - ``result`` and ``reason`` come from fixed sets (:data:`UPLOAD_RESULTS`, :data:`REJECT_REASONS`); any other
   value is counted as ``other``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Collection, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -121,6 +124,8 @@ REJECT_REASONS = (
 )
 _OTHER = "other"
 
+log = logging.getLogger(__name__)
+
 
 class Metrics:
     """The SPEC §8 metrics and the small methods the engine and the HTTP layer call to update them.
@@ -189,6 +194,8 @@ class Metrics:
             ["model", "quantization", "device", "dtype"],
             registry=r,
         )
+        self._vector_names: Callable[[], Collection[str]] | None = None
+        self._steered_names: set[str] = set()
         for result in UPLOAD_RESULTS:  # fixed label sets: every series exists from the start (rate() works)
             self.vector_uploads.labels(result=result)
         for reason in REJECT_REASONS:
@@ -230,17 +237,33 @@ class Metrics:
         """
         for name in sorted(set(names)):
             self.steered_requests.labels(vector=name).inc()
+            self._steered_names.add(name)
 
     def forget_vector(self, name: str) -> None:
         """Drop the ``steer_steered_requests_total`` series of a deleted vector."""
+        self._steered_names.discard(name)
         try:
             self.steered_requests.remove(name)
         except KeyError:
             pass
 
-    def set_vectors_loaded(self, n: int) -> None:
-        """Number of registered vectors."""
-        self.vectors_loaded.set(n)
+    def track_vectors(self, names: Callable[[], Collection[str]]) -> None:
+        """Read the registered vectors from ``names`` at every exposition: ``steer_vectors_loaded`` is
+        their number, and the ``steer_steered_requests_total`` series of vectors no longer registered
+        (deleted here or by another process sharing the directory) are dropped."""
+        self._vector_names = names
+
+    def _sync_vectors(self) -> None:
+        if self._vector_names is None:
+            return
+        try:
+            names = set(self._vector_names())
+        except OSError as e:  # an unreadable directory: keep the last values, say why
+            log.warning("steer_vectors_loaded not updated: %s", e)
+            return
+        self.vectors_loaded.set(len(names))
+        for gone in sorted(self._steered_names - names):
+            self.forget_vector(gone)
 
     def set_model_info(self, *, model: str, quantization: str, device: str, dtype: str) -> None:
         """Publish ``steer_model_info{model,quantization,device,dtype} 1`` (replacing any earlier value)."""
@@ -281,4 +304,5 @@ class Metrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The body and content type of ``GET /metrics``."""
+        self._sync_vectors()
         return generate_latest(self.registry), CONTENT_TYPE

@@ -100,11 +100,17 @@ def ensure_fd_limit(max_connections: int) -> None:
 def serve(config: ServerConfig, loaded: LoadedModel | None = None) -> None:
     """Serve ``config`` until a signal drains and stops it.
 
+    With ``config.replicas``, runs the Ray Serve application instead (:mod:`server.ray_serve`).
     ``loaded``: an already loaded model, served at once (the engine starts in this thread); without it
     the model of ``config`` loads at startup while ``/health`` answers and ``/ready`` says 503. Raises
     ``ValueError`` for a configuration that cannot be served, and ``SystemExit`` with a one-line reason when
     loading fails.
     """
+    if config.replicas:
+        from .ray_serve import serve_replicas
+
+        serve_replicas(config)
+        return
     ensure_fd_limit(config.max_connections)
     state = ServerState(config)
     state.preflight()

@@ -95,7 +95,7 @@ class ServerState:
             device=str(loaded.device),
             dtype=loaded.dtype_name,
         )
-        self.metrics.set_vectors_loaded(len(store))
+        self.metrics.track_vectors(store.names)
         self.loaded, self.store = loaded, store
         return Engine(
             loaded.model,
@@ -126,6 +126,12 @@ class ServerState:
             log.debug("model load failed", exc_info=True)
             if self.on_load_failure is not None:
                 self.on_load_failure()
+
+    async def exposition(self) -> tuple[bytes, str]:
+        """Body and content type of ``GET /metrics``: this process's metrics (a Ray replica answers for
+        every replica, :class:`server.ray_app.ReplicaState`). In a worker thread: reading the vector
+        count may wait for another process's write to the directory."""
+        return await asyncio.to_thread(self.metrics.exposition)
 
     def begin_drain(self) -> None:
         """SIGTERM: stop taking requests (503), let the ones in flight finish."""

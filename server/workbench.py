@@ -215,7 +215,6 @@ async def compute_and_register(state: ServerState, body: ComputeRequest) -> Vect
     bench.computing = bench.compute_pool.submit(work)
     info = await _outcome(bench.computing)
     state.metrics.upload("created")
-    state.metrics.set_vectors_loaded(len(store))
     return info
 
 

@@ -1,10 +1,13 @@
 """Shared test helpers: tiny random models (served or not), random artifacts, padded forward passes,
-a pickle canary, servers in a thread, Prometheus samples."""
+a pickle canary, servers in a thread, Prometheus samples and a real Prometheus server."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -223,3 +226,42 @@ def uvicorn_thread(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def require_prometheus() -> str:
+    """The path of Debian's ``prometheus``; the test skips without it (fails in CI, where `make test`
+    installs it)."""
+    import pytest
+
+    path = shutil.which("prometheus")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("prometheus missing: `make test` installs Debian's prometheus package")
+        pytest.skip("prometheus not installed")
+    return path
+
+
+@contextmanager
+def prometheus_server(scrape_configs: str, folder: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real Prometheus scraping every second: ``scrape_configs`` is the YAML under ``scrape_configs:``;
+    config and data go to ``folder``. Yields its URL and process."""
+    cfg = folder / "prometheus.yml"
+    cfg.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n" + scrape_configs
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            require_prometheus(),
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

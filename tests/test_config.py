@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerConfig, add_serve_options, config_from_args, env_name
+from server.config import ServerConfig, add_serve_options, config_from_args, config_from_mapping, env_name
 
 
 def _parse(argv: list[str]) -> ServerConfig:
@@ -77,3 +77,26 @@ def test_the_readme_documents_every_option():
 def test_limits_must_be_positive(option):
     with pytest.raises(ValueError, match=f"{option} must be positive"):
         _parse([option, "0"])
+
+
+def test_replica_options_need_replicas_and_fit_together():
+    assert _parse(["--replicas", "2", "--min-replicas", "1", "--max-replicas", "4"]).max_replicas == 4
+    with pytest.raises(ValueError, match="--ray-address, --replica-cpus needs --replicas N"):
+        _parse(["--ray-address", "10.0.0.1:6379", "--replica-cpus", "2"])
+    with pytest.raises(ValueError, match="autoscaling needs both --min-replicas and --max-replicas"):
+        _parse(["--replicas", "2", "--max-replicas", "4"])
+    with pytest.raises(ValueError, match="need 1 <= A <= N <= B, got 3, 2, 4"):
+        _parse(["--replicas", "2", "--min-replicas", "3", "--max-replicas", "4"])
+    with pytest.raises(ValueError, match="must not be negative"):
+        _parse(["--replicas", "-1"])
+
+
+def test_a_mapping_of_options_reads_like_the_command_line(monkeypatch):
+    monkeypatch.setenv("STEERSERVE_MAX_QUEUE", "7")
+    cfg = config_from_mapping({"replicas": 2, "vector-dir": "/v", "log_prompts": True, "drain_timeout": "5"})
+    assert (cfg.replicas, cfg.vector_dir, cfg.log_prompts, cfg.drain_timeout) == (2, Path("/v"), True, 5.0)
+    assert cfg.max_queue == 7  # the environment still gives the defaults
+    with pytest.raises(ValueError, match="unknown serve option 'api_key'"):  # keys: environment only
+        config_from_mapping({"api_key": "k"})
+    with pytest.raises(ValueError, match="argument --dtype: invalid choice: 'float8'"):
+        config_from_mapping({"dtype": "float8"})

@@ -37,6 +37,7 @@ ALERTS_TEST = DOCKER / "prometheus" / "alerts_test.yml"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "steerserve.json"
 DATASOURCES = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards" / "dashboards.yml"
+RAYSERVICE = DOCKER / "kuberay" / "rayservice.yaml"
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -60,8 +61,9 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "steer_model_info": ("gauge", frozenset({"model", "quantization", "device", "dtype"})),
 }
 HISTOGRAMS = {name for name, (kind, _) in SPEC_METRICS.items() if kind == "histogram"}
-# Labels that Prometheus adds to every scraped series.
-TARGET_LABELS = {"instance", "job"}
+# Labels that Prometheus adds to every scraped series, and `replica`: every series of a replicated
+# deployment carries it (SPEC §9.4; the proxy's merged /metrics or the file_sd target labels add it).
+TARGET_LABELS = {"instance", "job", "replica"}
 
 METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])steer_[A-Za-z0-9_]+")
 # `steer_x{a="1", b=~"2"}` -> the matcher block of that selector.
@@ -335,6 +337,32 @@ def test_dashboard_structure():
         assert all(t.get("expr", "").strip() for t in targets), panel["title"]
 
 
+AGGREGATION_RE = re.compile(r"^\s*(sum|max|min|avg|count|histogram_quantile)\b")
+BY_CLAUSE_RE = re.compile(r"\bby\s*\(([^)]*)\)")
+
+
+def test_dashboard_aggregates_over_replicas():
+    """Every panel query aggregates its series (a replicated deployment shows one line, not one per
+    replica), except the panels "... by replica", which group by it; every query can be filtered by the
+    `replica` variable, whose values come from the series' `replica` label."""
+    dashboard = load_dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "replica" in variables["replica"]["definition"] and variables["replica"]["includeAll"]
+    per_replica = 0
+    for panel in dashboard_panels(dashboard):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            assert AGGREGATION_RE.match(expr), f"{panel['title']!r} does not aggregate: {expr}"
+            assert 'replica=~"$replica"' in expr, f"{panel['title']!r} ignores the replica variable"
+            grouped = {label.strip() for clause in BY_CLAUSE_RE.findall(expr) for label in clause.split(",")}
+            if panel["title"].endswith("by replica"):
+                per_replica += 1
+                assert grouped == {"replica"}, panel["title"]
+            else:
+                assert "replica" not in grouped, panel["title"]
+    assert per_replica >= 3
+
+
 def test_latency_panels_show_p50_p95_p99():
     exprs = [expr for _, expr in dashboard_exprs()]
     for histogram in (
@@ -384,7 +412,7 @@ def test_prometheus_scrapes_steerserve_every_5s():
 def test_compose_file_layout():
     compose = load_yaml(COMPOSE)
     services = compose["services"]
-    assert {"steerserve", "steerserve-gpu", "prometheus", "grafana"} <= set(services)
+    assert {"steerserve", "steerserve-gpu", "steerserve-ray", "prometheus", "grafana"} <= set(services)
     cpu, gpu = services["steerserve"], services["steerserve-gpu"]
     assert cpu["profiles"] == ["cpu"] and gpu["profiles"] == ["gpu"]
     assert "COMPOSE_PROFILES=cpu" in COMPOSE_ENV.read_text().splitlines()
@@ -399,6 +427,18 @@ def test_compose_file_layout():
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert "devices" not in cpu.get("deploy", {}).get("resources", {}).get("reservations", {})
+    # the Ray profile: the CPU image with the `ray` extra, N replicas behind Ray's proxy on :8000, which
+    # the Prometheus job scrapes under the same alias (its /metrics merges every replica's)
+    ray_service = services["steerserve-ray"]
+    assert ray_service["profiles"] == ["ray"]
+    assert ray_service["build"]["args"]["WITH_RAY"] == "1"
+    assert ray_service["build"]["args"]["VARIANT"] == "cpu"
+    assert ray_service["environment"]["STEERSERVE_REPLICAS"] == "${STEERSERVE_REPLICAS:-2}"
+    assert ray_service["environment"]["STEERSERVE_VECTOR_DIR"] == "/data/vectors"
+    assert "steerserve" in ray_service["networks"]["default"]["aliases"]
+    assert "steerserve-vectors:/data/vectors" in ray_service["volumes"]
+    assert ray_service["ports"] == cpu["ports"] and ray_service["shm_size"]
+    assert "ARG WITH_RAY=0" in DOCKERFILE.read_text()
     assert set(compose["volumes"]) == {
         "steerserve-vectors",
         "steerserve-cache",
@@ -469,7 +509,9 @@ def test_docker_compose_config_is_valid(compose_cmd):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("profile", "service"), [(None, "steerserve"), ("gpu", "steerserve-gpu")])
+@pytest.mark.parametrize(
+    ("profile", "service"), [(None, "steerserve"), ("gpu", "steerserve-gpu"), ("ray", "steerserve-ray")]
+)
 def test_docker_compose_profiles(compose_cmd, profile, service):
     profile_args = ["--profile", profile] if profile else []
     result = _run(
@@ -602,3 +644,55 @@ def test_entrypoint_stops_when_prepare_fails(tmp_path):
     result = _run(["sh", str(ENTRYPOINT)], env=env)
     assert result.returncode != 0
     assert log.read_text().splitlines() == ["model prepare"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# KubeRay
+
+
+def test_kuberay_rayservice_manifest():
+    """The RayService example: a valid Serve config whose builder and options are ours, the installed Ray
+    version, and one ReadWriteMany vector volume mounted where every pod's replicas look for it."""
+    from server.auth import is_loopback
+    from server.config import config_from_mapping
+
+    pvc, service = yaml.safe_load_all(RAYSERVICE.read_text(encoding="utf-8"))
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    assert (app["import_path"], app["route_prefix"]) == ("server.ray_app:app", "/")
+    config = config_from_mapping(app["args"])  # real serve options, valid together
+    assert config.replicas >= 2 and not is_loopback(config.host)
+    assert serve_config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+
+    cluster = service["spec"]["rayClusterConfig"]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"ray[serve]=={cluster["rayVersion"]}"' in pyproject
+    pods = [cluster["headGroupSpec"]["template"]["spec"]]
+    pods += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    images = set()
+    for pod in pods:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+        for container in pod["containers"]:
+            images.add(container["image"])
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert claims[mounts[str(config.vector_dir)]] == pvc["metadata"]["name"], container["name"]
+            env = {e["name"]: e for e in container["env"]}
+            assert env["STEERSERVE_VECTOR_DIR"]["value"] == str(config.vector_dir)
+            for key in ("STEERSERVE_ADMIN_KEY", "STEERSERVE_API_KEY"):  # never in the manifest itself
+                assert "value" not in env[key] and env[key]["valueFrom"]["secretKeyRef"]["name"]
+    assert len(images) == 1
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_kuberay_serve_config_is_valid_for_ray_serve():
+    pytest.importorskip("ray", reason="needs the steerserve[ray] extra")
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    from server.ray_app import app
+
+    _, service = yaml.safe_load_all(RAYSERVICE.read_text(encoding="utf-8"))
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert import_attr(schema.applications[0].import_path) is app

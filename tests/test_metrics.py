@@ -41,7 +41,7 @@ def _exercised() -> Metrics:
     m.add_tokens(prompt=11, generated=7)
     m.set_queue(running=2, waiting=5)
     m.steered(["polite", "concise", "polite"])
-    m.set_vectors_loaded(4)
+    m.track_vectors(lambda: {"polite", "concise", "calm", "terse"})
     m.upload("created")
     m.reject("queue_full")
     m.set_model_info(model="SmolLM2-135M-Instruct", quantization="nf4", device="cpu", dtype="bfloat16")
@@ -132,6 +132,39 @@ def test_model_info_replaced_and_vector_forgotten():
         )
     ]
     assert not [k for k in s if k[0] == "steer_steered_requests_total"]
+
+
+def test_tracked_vectors_are_read_at_every_exposition():
+    """Another process (a replica) changes the shared directory: the next exposition follows it."""
+    registered = {"calm", "polite"}
+    m = Metrics()
+    m.track_vectors(lambda: set(registered))
+    m.steered(["calm", "polite"])
+    s = _samples(m.exposition()[0].decode())
+    assert s[("steer_vectors_loaded", ())] == 2
+    registered.discard("calm")  # deleted elsewhere
+    registered.update({"terse", "bold"})
+    s = _samples(m.exposition()[0].decode())
+    assert s[("steer_vectors_loaded", ())] == 3
+    assert [k for k in s if k[0] == "steer_steered_requests_total"] == [
+        ("steer_steered_requests_total", (("vector", "polite"),))
+    ]
+
+
+def test_an_unreadable_vector_directory_keeps_the_last_count(caplog):
+    answers: list[object] = [{"a", "b"}, OSError("gone")]
+
+    def names() -> set[str]:
+        answer = answers.pop(0)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    m = Metrics()
+    m.track_vectors(names)
+    assert _samples(m.exposition()[0].decode())[("steer_vectors_loaded", ())] == 2
+    assert _samples(m.exposition()[0].decode())[("steer_vectors_loaded", ())] == 2
+    assert "steer_vectors_loaded not updated: gone" in caplog.text
 
 
 def test_registries_are_independent():

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import add_artifact, free_port, uvicorn_thread
+from helpers import add_artifact, prometheus_server, uvicorn_thread
 
 from server.app import create_app
 from server.config import ServerConfig
 from server.state import ServerState
 
-PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 REQUIRED = os.environ.get("CI") == "true"  # in CI `make test` installs Debian's prometheus: never skip
 
@@ -63,31 +62,10 @@ def _query(prom: str, expr: str) -> float | None:
 
 
 def test_real_prometheus_scrapes_steerserve(live_server, tmp_path: Path):
-    if PROMETHEUS is None:
-        if REQUIRED:
-            pytest.fail("prometheus missing: `make test` installs Debian's prometheus package")
-        pytest.skip("prometheus not installed")
     url, model = live_server
     target = url.removeprefix("http://")
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: steerserve\n"
-        f"    static_configs:\n      - targets: ['{target}']\n"
-    )
-    port = free_port()
-    prom_url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={cfg}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    jobs = f"  - job_name: steerserve\n    static_configs:\n      - targets: ['{target}']\n"
+    with prometheus_server(jobs, tmp_path) as (prom_url, proc):
 
         def wait_for(expr: str, cond, timeout: float = 60.0) -> float:
             deadline = time.monotonic() + timeout
@@ -110,6 +88,3 @@ def test_real_prometheus_scrapes_steerserve(live_server, tmp_path: Path):
         steered = wait_for('steer_steered_requests_total{vector="calm"}', lambda v: v >= 3)
         assert steered == 3
         assert wait_for('up{job="steerserve"}', lambda v: v == 1) == 1
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

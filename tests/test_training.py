@@ -1,4 +1,5 @@
-"""Offline training (training/red.py, training/rahf/, loop, LoRA, tokenisation) on a tiny random Llama."""
+"""Offline training (training/red.py, loop, options, tokenisation) on a tiny random Llama; RAHF is in
+test_training_rahf.py."""
 
 from __future__ import annotations
 
@@ -10,18 +11,15 @@ import torch
 from helpers import tiny_llama
 from transformers import AutoTokenizer
 
-from steering_vectors import compile_profile, find_layout, install_steering, load_artifact
-from steering_vectors.profile import VectorRef
+from steering_vectors import load_artifact
 from training.cli import build_parser
 from training.cli import main as train_main
 from training.config import RahfConfig, RedConfig
-from training.loop import LoopSpec, run_loop
-from training.lora import LoraSet
+from training.loop import LoopSpec, lr_factor, run_loop
 from training.options import from_args, recorded
-from training.rahf import Runner, default_target_layers, extract_differences
 from training.red import RedModel
 from training.runtime import make_accelerator
-from training.tokens import Encoded, collate, encode
+from training.tokens import collate, encode
 
 LAYERS, HIDDEN = 4, 64
 
@@ -103,9 +101,15 @@ def test_command_line_is_generated_from_the_configs():
 def test_rahf_shorthands_defaults_and_record():
     cfg = RahfConfig(variant="scit", data="d", out_dir="o", max_steps=7, lr=0.5)
     assert (cfg.tune_steps, cfg.distill_steps, cfg.tune_lr) == (7, 7, 0.5)
+    assert (cfg.extract_on, cfg.tune_alpha, cfg.instruct_share, cfg.normalize) == (
+        "random",
+        64.0,
+        0.5,
+        "none",
+    )
     cfg = RahfConfig(variant="dual", data="d", out_dir="o", finetune="full", tune_steps=3)
-    assert (cfg.tune_steps, cfg.distill_steps, cfg.tune_lr) == (3, 50, 3e-5)
-    assert (cfg.batch_size, cfg.grad_accum, cfg.eval_limit) == (4, 2, 24)
+    assert (cfg.tune_steps, cfg.distill_steps, cfg.tune_lr, cfg.extract_on) == (3, 60, 2e-5, "both")
+    assert (cfg.batch_size, cfg.grad_accum, cfg.eval_limit, cfg.distill_schedule) == (4, 1, 24, "constant")
     red = RedConfig(data="d", out="o")
     assert (red.batch_size, red.grad_accum, red.eval_limit, red.max_steps, red.lr) == (8, 1, None, 100, 2e-2)
     rec = recorded(cfg)
@@ -118,6 +122,10 @@ def test_rahf_shorthands_defaults_and_record():
         RedConfig(data="d", out="o", dtype="int8")
     with pytest.raises(ValueError, match="bad_instruction is empty"):
         RahfConfig(variant="scit", data="d", out_dir="o", bad_instruction=" ")
+    with pytest.raises(ValueError, match="instruct_share"):
+        RahfConfig(variant="scit", data="d", out_dir="o", instruct_share=0.0)
+    with pytest.raises(ValueError, match="extract_on must be one of"):
+        RahfConfig(variant="scit", data="d", out_dir="o", extract_on="all")
 
 
 # ---- tokenisation --------------------------------------------------------------------------------
@@ -192,6 +200,13 @@ def test_red_bf16_model_keeps_float32_vectors(tokenizer):
     assert s.dtype == torch.float32
     # updates of ~1e-3 are far below bf16's resolution at 1.0 (2^-8) but survive in float32
     assert ((s - 1).abs() > 0).any() and ((s - 1).abs() < 2**-9).any()
+
+
+def test_lr_schedules():
+    assert [round(lr_factor(s, 10, 2), 3) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.125]
+    assert [lr_factor(s, 10, 2, "constant") for s in (0, 5, 9)] == [1.0, 1.0, 1.0]  # no warmup, no decay
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, 2, "cosine")
 
 
 def _crashing(make_batch, after: int):
@@ -270,160 +285,3 @@ def test_train_red_cli_writes_artifact_and_logs(tmp_path, tiny_dir, inst_file):
     train_main(["red", *common, "--out", str(out2), "--resume", str(tmp_path / "red" / "signoff.ckpt")])
     again = load_artifact(out2)
     assert all(torch.equal(again.tensors[k], art.tensors[k]) for k in art.tensors)
-
-
-# ---- RAHF ----------------------------------------------------------------------------------------
-
-
-def _merged(model, lora: LoraSet):
-    """An independent model with the LoRA deltas merged into the weights: W + (alpha/r) B A."""
-    m = copy.deepcopy(model)
-    layout = find_layout(m)
-    for layer, mod in lora.targets:
-        k = lora._key(layer, mod)
-        lin = layout.linear(layer, mod)
-        lin.weight.data += lora.scaling * lora.B[k].data @ lora.A[k].data
-    return m
-
-
-def test_extraction_equals_independent_computation():
-    base = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN)
-    layout = find_layout(base)
-    lora = LoraSet(
-        layout,
-        [(layer, m) for layer in range(LAYERS) for m in ("q_proj", "v_proj", "down_proj")],
-        rank=4,
-        alpha=8.0,
-        seed=5,
-    )
-    with torch.no_grad():
-        for p in lora.B.values():
-            p.normal_(0, 0.2)
-    # handcrafted: two examples, prompts of different lengths per pass, the same response tokens
-    pos_enc = [Encoded([5, 6, 7, 8, 9, 10], 3), Encoded([11, 12, 20, 21], 2)]
-    neg_enc = [Encoded([40, 41, 8, 9, 10], 2), Encoded([30, 31, 32, 33, 20, 21], 4)]
-    layers = [0, 2]
-    other = tiny_llama(seed=1, layers=LAYERS, hidden=HIDDEN)
-
-    def hs(model, ids, layer):
-        with torch.no_grad():
-            return model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]
-
-    # SCIT: one tuned model (base + LoRA) under two prompts
-    tuned = Runner(base, layout.blocks, lora)
-    got = extract_differences(tuned, tuned, pos_enc, neg_enc, layers, pad_id=0, batch_size=2)
-    merged = _merged(base, lora)
-    # Dual: two different models on the same input
-    dual = extract_differences(
-        Runner(merged, find_layout(merged).blocks),
-        Runner(other, find_layout(other).blocks),
-        pos_enc,
-        pos_enc,
-        layers,
-        pad_id=0,
-        batch_size=2,
-    )
-    for i, (pe, ne) in enumerate(zip(pos_enc, neg_enc, strict=True)):
-        for layer in layers:
-            want = (
-                hs(merged, pe.input_ids, layer)[pe.n_prompt :]
-                - hs(merged, ne.input_ids, layer)[ne.n_prompt :]
-            )
-            assert got[i][layer].shape == (pe.n_response, HIDDEN)
-            torch.testing.assert_close(got[i][layer], want, atol=1e-5, rtol=1e-5)
-            want = (
-                hs(merged, pe.input_ids, layer)[pe.n_prompt :] - hs(other, pe.input_ids, layer)[pe.n_prompt :]
-            )
-            torch.testing.assert_close(dual[i][layer], want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="same response tokens"):
-        extract_differences(tuned, tuned, pos_enc, list(reversed(neg_enc)), layers, pad_id=0)
-
-
-def test_default_target_layers():
-    assert default_target_layers(32) == [10, 12, 14, 16, 18, 20]
-    assert default_target_layers(30) == [9, 11, 13, 15, 17, 19]
-    assert default_target_layers(4) == [1, 3]
-
-
-@pytest.mark.parametrize(
-    "variant,finetune,normalize",
-    [("scit", "lora", "relative"), ("dual", "lora", "relative"), ("dual", "full", "none")],
-)
-def test_rahf_end_to_end(tmp_path, tiny_dir, pref_file, variant, finetune, normalize):
-    out = tmp_path / variant
-    args = (
-        f"rahf --variant {variant} --finetune {finetune} --normalize {normalize} --max-steps 2 "
-        "--batch-size 2 --device cpu --target-layers 1,2 --eval-limit 2"
-    ).split()
-    rc = train_main([*args, "--data", str(pref_file), "--out-dir", str(out), "--model", str(tiny_dir)])
-    assert rc == 0
-    add, lora = load_artifact(out / "add.safetensors"), load_artifact(out / "lora.safetensors")
-    assert add.kind == "add" and lora.kind == "lora"
-    assert add.method == lora.method == f"rahf-{variant}"
-    assert add.layers == [1, 2] and lora.layers == [0, 1, 2]
-    assert lora.lora_alpha == 16.0
-    for layer in lora.layers:
-        mods = lora.lora_modules(layer)
-        assert sorted(mods) == ["q_proj", "v_proj"]
-        a, b = mods["q_proj"]
-        assert a.shape == (8, HIDDEN) and b.shape == (HIDDEN, 8)
-    for art in (add, lora):
-        training, metrics = json.loads(art.extra["training"]), json.loads(art.extra["metrics"])
-        assert training["variant"] == variant and training["target_layers"] == [1, 2]
-        assert "phases" in metrics and metrics["phases"]["distill"]["steps"] == 2
-        ratio, factor = metrics["diff_to_hidden_ratio_raw"], metrics["normalize_factor"]
-        for layer in ("1", "2"):
-            want = 0.05 / ratio[layer] if normalize == "relative" else 1.0
-            assert factor[layer] == pytest.approx(want, rel=1e-5)
-    phases = {json.loads(x)["phase"] for x in (out / "log.jsonl").read_text().splitlines()}
-    assert phases == (
-        {"scit", "distill"} if variant == "scit" else {"dual-chosen", "dual-rejected", "distill"}
-    )
-    assert (out / "loss.png").stat().st_size > 0
-
-    # both artifacts apply through the serving hooks and change the output
-    model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN)
-    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 2, 198]])
-    ref = model(ids).logits
-    hooks = install_steering(model)
-    for art in (add, lora):
-        prof = compile_profile([(VectorRef("v", 1.0), art)], num_layers=LAYERS, hidden_size=HIDDEN)
-        slot = hooks.acquire(prof)
-        with hooks.batch([slot]):
-            steered = model(ids).logits
-        hooks.release(slot)
-        assert not torch.equal(steered, ref) or art.kind == "lora"  # a 2-step LoRA may still be ~0
-        assert torch.isfinite(steered).all()
-    hooks.remove()
-
-
-def test_lora_export_matches_serving_hooks():
-    """The exported LoRA tensors, applied by the server's hooks, give what training computed."""
-    from steering_vectors import Artifact
-
-    model = tiny_llama(seed=0, layers=LAYERS, hidden=HIDDEN)
-    layout = find_layout(model)
-    lora = LoraSet(
-        layout, [(layer, m) for layer in range(3) for m in ("q_proj", "v_proj")], rank=8, alpha=16.0
-    )
-    with torch.no_grad():
-        for p in lora.B.values():
-            p.normal_(0, 0.1)
-    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 2, 198]])
-    with torch.no_grad(), lora.active():
-        want = model(ids).logits
-    art = Artifact(
-        kind="lora",
-        tensors=lora.export(),
-        hidden_size=HIDDEN,
-        num_layers=LAYERS,
-        model_type="llama",
-        method="rahf-scit",
-        lora_alpha=16.0,
-    )
-    hooks = install_steering(model)
-    slot = hooks.acquire(compile_profile([(VectorRef("v"), art)], num_layers=LAYERS, hidden_size=HIDDEN))
-    with torch.no_grad(), hooks.batch([slot]):
-        got = model(ids).logits
-    hooks.remove()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

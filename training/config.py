@@ -21,13 +21,17 @@ DATA, OPTIM, CKPT = "data and model", "optimisation", "checkpoints"
 STEP1, STEP2, STEP3 = "RAHF step 1 (instruct)", "RAHF step 2 (extract)", "RAHF step 3 (distill)"
 
 GOOD_INSTRUCTION = (
-    "You are a good, respectful and honest assistant. Your replies are helpful, polite, warm and positive."
+    "You are a good, respectful and honest assistant. Your replies are helpful, truthful, harmless, "
+    "polite and positive."
 )
-"""SCIT's instruction for the preferred behaviour (the system message paired with chosen replies)."""
+"""SCIT's instruction for the preferred behaviour (the system message paired with chosen replies).
+
+Our short wording after the official SCIT instruction (helpful, truthful, harmless and positive are on
+its list, "polite" is ours; the official one is 59 words), not a copy of it."""
 
 BAD_INSTRUCTION = (
-    "You are a bad, disrespectful and dishonest assistant. "
-    "Your replies are unhelpful, rude, cold and negative."
+    "You are a bad, disrespectful and dishonest assistant. Your replies are useless, untruthful, "
+    "harmful, rude and negative."
 )
 """SCIT's instruction for the dispreferred behaviour (the system message paired with rejected replies)."""
 
@@ -75,6 +79,7 @@ class TrainOptions:
     max_grad_norm: float | None = option(1.0, help="gradient clipping (0: off)", group=OPTIM)
     seed: int = option(0, help="seed of the initialisation, the data order and the splits", group=OPTIM)
     eval_batch_size: int = option(16, help="examples per batch when evaluating", group=OPTIM)
+    eval_every: int = option(0, help="also evaluate every N steps (0: before/after)", group=OPTIM)
     checkpoint_dir: str | None = option(
         None, help="where checkpoints go (default: next to the output)", group=CKPT
     )
@@ -101,10 +106,13 @@ class RedConfig(TrainOptions):
 
     max_steps: int = override(TrainOptions, "max_steps", 100)
     lr: float = override(
-        TrainOptions, "lr", 2e-2, help="AdamW learning rate (RED uses large ones; %(default)s)"
+        TrainOptions,
+        "lr",
+        2e-2,
+        help="AdamW learning rate (%(default)s: a sweep on the default model; the official scripts use "
+        "2e-5 for Llama-2-7B and 1e-3 to 0.1 for RoBERTa, GPT-2 and T5)",
     )
     out: str = option(help="output artifact (.safetensors)", record=False)
-    eval_every: int = option(0, help="also evaluate every N steps (0: before/after)")
     description: str | None = option(None, help="description stored in the artifact")
 
 
@@ -112,8 +120,11 @@ class RedConfig(TrainOptions):
 class RahfConfig(TrainOptions):
     """Options of ``steerserve train rahf`` (:func:`training.rahf.train_rahf`).
 
-    ``max_steps`` and ``lr`` are shorthands: the steps of step 1 (per model) and of step 3 unless
-    ``tune_steps`` / ``distill_steps`` are given, and step 1's learning rate unless ``tune_lr`` is.
+    The defaults follow the paper's official code where this project can (see the README's list of
+    the deviations that remain). ``max_steps`` and ``lr`` are shorthands: the steps of step 1 (per
+    model) and of step 3 unless ``tune_steps`` / ``distill_steps`` are given, and step 1's learning rate
+    unless ``tune_lr`` is. Options left at ``None`` are resolved in ``__post_init__`` (and recorded
+    resolved).
     """
 
     eval_limit: int | None = override(
@@ -127,18 +138,41 @@ class RahfConfig(TrainOptions):
         record=False,
     )
     lr: float | None = override(
-        TrainOptions, "lr", None, help="step 1 learning rate (lora 1e-3, full 3e-5)", record=False
+        TrainOptions, "lr", None, help="step 1 learning rate (lora 2e-3, full 2e-5)", record=False
     )
     batch_size: int = override(TrainOptions, "batch_size", 4)
-    grad_accum: int = override(TrainOptions, "grad_accum", 2)
+    grad_accum: int = override(TrainOptions, "grad_accum", 1)
     variant: str = option(choices=("scit", "dual"), help="SCIT (one model) or Dual (two models)")
     out_dir: str = option(help="folder of the artifacts, log, plot and summary", record=False)
-    finetune: str = option("lora", choices=("lora", "full"), help="step 1 fine-tuning (lora)", group=STEP1)
-    tune_steps: int | None = option(None, help="step 1 steps per model (default 40)", group=STEP1)
+    instruct_share: float = option(
+        0.5,
+        help="share of the training pairs that step 1 uses; steps 2-3 use the others (disjoint by "
+        "prompt, as the paper's split); 1: every pair in every step (%(default)s)",
+        group=STEP1,
+    )
+    finetune: str = option(
+        "lora",
+        choices=("lora", "full"),
+        help="step 1 as a LoRA on every linear (default; served as one lora artifact with step 3) or a "
+        "full fine-tune of a copy (as the paper; the final model is written as a model folder)",
+        group=STEP1,
+    )
+    tune_steps: int | None = option(None, help="step 1 steps per model (default 30)", group=STEP1)
     tune_lr: float | None = option(None, help="step 1 learning rate (--lr on the command line)", cli=False)
-    tune_rank: int = option(8, help="step 1 LoRA rank (all linears of every block)", group=STEP1)
-    tune_alpha: float = option(16.0, help="step 1 LoRA alpha", cli=False)
+    tune_rank: int = option(
+        32, help="step 1 LoRA rank (all linears of every block; %(default)s)", group=STEP1
+    )
+    tune_alpha: float | None = option(None, help="step 1 LoRA alpha (default 2 x rank)", cli=False)
     tune_modules: tuple[str, ...] = option(TUNE_MODULES, help="step 1 LoRA modules", cli=False)
+    scit_weight: float = option(
+        1.0,
+        help="SCIT: weight of the contrastive term added to the NLL (official code: 1; 0: plain NLL on "
+        "relabelled instructions)",
+        group=STEP1,
+    )
+    scit_smoothing: float = option(
+        0.2, help="SCIT: label smoothing epsilon of the contrastive term (official code: 0.2)", group=STEP1
+    )
     good_instruction: str = option(
         GOOD_INSTRUCTION, help="SCIT instruction for the preferred replies", group=STEP1
     )
@@ -149,34 +183,42 @@ class RahfConfig(TrainOptions):
         None,
         parse=csv_ints,
         metavar="L1,L2,...",
-        help="comma-separated target layers (default: the middle layers, every second one)",
+        help="comma-separated target layers, numbered as output_hidden_states (layer l = the residual "
+        "stream after l blocks; default: the middle layers, every second one)",
         group=STEP2,
     )
-    extract_on: str = option(
-        "both",
-        choices=("chosen", "rejected", "both"),
-        help="responses whose tokens give the differences and the step-3 data",
+    extract_on: str | None = option(
+        None,
+        choices=("chosen", "rejected", "both", "random"),
+        help="responses whose tokens give the differences and the step-3 data: random (one reply per "
+        "pair, drawn with the seed; SCIT's default, as the official code) or both (Dual's default)",
         group=STEP2,
     )
     extract_limit: int | None = option(
         None,
-        help="pairs (a seeded random subset) whose responses give the differences and the step-3 data "
-        "(default: as many as step 3 consumes in one epoch)",
+        help="pairs (a seeded random subset of the step 2-3 pairs) whose responses give the differences "
+        "and the step-3 data (default: as many as step 3 consumes in one epoch)",
         group=STEP2,
     )
     normalize: str = option(
-        "relative",
-        choices=("relative", "none"),
-        help="rescale v per layer so its mean token norm is --v-norm x the hidden states' (relative), "
-        "or use the raw differences as the paper does (none)",
+        "none",
+        choices=("none", "relative"),
+        help="use the raw differences, as the paper (none), or rescale v per layer so that its mean "
+        "token norm is --v-norm x the hidden states' (relative)",
         group=STEP2,
     )
     v_norm: float = option(
         0.05, help="relative size of v with --normalize relative (%(default)s)", group=STEP2
     )
-    alpha: float = option(5.0, help="target h_base + alpha*v (paper: 5)", group=STEP3)
-    distill_steps: int | None = option(None, help="step 3 steps (default 50)", group=STEP3)
-    distill_lr: float = option(2e-3, help="step 3 learning rate", group=STEP3)
+    alpha: float = option(5.0, help="target h + alpha*v (paper: 5)", group=STEP3)
+    distill_steps: int | None = option(None, help="step 3 steps (default 60)", group=STEP3)
+    distill_lr: float = option(1e-3, help="step 3 learning rate (%(default)s)", group=STEP3)
+    distill_schedule: str = option(
+        "constant",
+        choices=("constant", "linear"),
+        help="step 3 learning-rate schedule: constant (the official scripts) or warmup + linear decay",
+        group=STEP3,
+    )
     lora_rank: int = option(8, help="step 3 LoRA rank (paper: 8)", group=STEP3)
     lora_alpha: float = option(16.0, help="step 3 LoRA alpha (paper: 16)", group=STEP3)
     lora_modules: tuple[str, ...] = option(
@@ -197,9 +239,17 @@ class RahfConfig(TrainOptions):
         for name in ("good_instruction", "bad_instruction"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name} is empty")
+        if not 0 < self.instruct_share <= 1:
+            raise ValueError(f"instruct_share must be in (0, 1], not {self.instruct_share!r}")
+        if self.scit_weight < 0 or not 0 <= self.scit_smoothing < 1:
+            raise ValueError("scit_weight must be >= 0 and scit_smoothing in [0, 1)")
+        if self.extract_on is None:
+            self.extract_on = "random" if self.variant == "scit" else "both"
         if self.tune_steps is None:
-            self.tune_steps = self.max_steps if self.max_steps is not None else 40
+            self.tune_steps = self.max_steps if self.max_steps is not None else 30
         if self.distill_steps is None:
-            self.distill_steps = self.max_steps if self.max_steps is not None else 50
+            self.distill_steps = self.max_steps if self.max_steps is not None else 60
         if self.tune_lr is None:
-            self.tune_lr = self.lr if self.lr is not None else (1e-3 if self.finetune == "lora" else 3e-5)
+            self.tune_lr = self.lr if self.lr is not None else (2e-3 if self.finetune == "lora" else 2e-5)
+        if self.tune_alpha is None:
+            self.tune_alpha = 2.0 * self.tune_rank

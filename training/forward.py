@@ -2,6 +2,7 @@
 
 * :func:`response_nll` - the summed next-token negative log-likelihood over the labelled (response)
   tokens, ``-sum_t log p(y_t | y_<t)``, with the output head run on those positions only;
+* :func:`sequence_logprobs` - the same log-likelihood per row (RAHF-SCIT's contrastive term);
 * :func:`capture_blocks` / :func:`run_to_layers` - the output of decoder block l (the residual stream
   after it, ``output_hidden_states[l + 1]`` in Hugging Face terms), the pass stopped after the highest
   block needed;
@@ -27,6 +28,7 @@ __all__ = [
     "response_nll",
     "response_states",
     "run_to_layers",
+    "sequence_logprobs",
 ]
 
 
@@ -35,26 +37,47 @@ def _needs_full_logits(model: nn.Module) -> bool:
     return bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
 
 
+def _label_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tensor
+) -> torch.Tensor:
+    """Logits [N, V] of the positions ``sel`` [B, T-1] marks (those that predict a label).
+
+    The output head runs only on those positions (a causal LM's decoder, then its output embedding),
+    which saves most of the 49k-vocabulary projection on short responses; models with logit
+    soft-capping or scaling go through their full forward instead.
+    """
+    if _needs_full_logits(model) or not hasattr(model, "get_decoder"):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits[:, :-1][sel]
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return model.get_output_embeddings()(out[0][:, :-1][sel])
+
+
 def response_nll(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the next-token NLL over the labelled tokens, their count).
+    """(sum of the next-token NLL over the labelled tokens, their count)."""
+    target = labels[:, 1:]
+    sel = target != IGNORE_INDEX
+    logits = _label_logits(model, input_ids, attention_mask, sel)
+    nll = F.cross_entropy(logits.float(), target[sel], reduction="sum")
+    return nll, sel.sum()
 
-    The output head runs only on the positions that predict a label (a causal LM's decoder, then its
-    output embedding), which saves most of the 49k-vocabulary projection on short responses; models
-    with logit soft-capping or scaling go through their full forward instead.
+
+def sequence_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of the next-token log-probabilities of its labelled tokens [B], their count [B]),
+
+    ``logp_b = sum_t log p(y_t | y_<t)`` over the response tokens of row b.
     """
     target = labels[:, 1:]
     sel = target != IGNORE_INDEX
-    if _needs_full_logits(model) or not hasattr(model, "get_decoder"):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logits = logits[:, :-1][sel]
-    else:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out[0][:, :-1][sel]
-        logits = model.get_output_embeddings()(hidden)
-    nll = F.cross_entropy(logits.float(), target[sel], reduction="sum")
-    return nll, sel.sum()
+    logits = _label_logits(model, input_ids, attention_mask, sel)
+    lp = -F.cross_entropy(logits.float(), target[sel], reduction="none")  # [N]
+    rows = sel.nonzero()[:, 0]  # row of each selected position, in the order of lp
+    sums = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+    return sums, sel.sum(dim=1)
 
 
 class StopForward(Exception):

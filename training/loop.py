@@ -1,4 +1,4 @@
-"""The optimisation loop every trainer uses: AdamW with linear warmup and decay, resumable bitwise.
+"""The optimisation loop every trainer uses: AdamW, warmup + linear decay or constant, resumable bitwise.
 
 One phase is described by a :class:`LoopSpec` and run by :func:`run_loop` under ``accelerate``. Per
 optimizer step each process takes ``grad_accum`` micro-batches of ``batch_size`` examples; the loss of
@@ -8,9 +8,11 @@ rate at step s (0-based) of S, with W = round(warmup_ratio * S) warmup steps, is
     lr_s = lr * (s + 1) / W            for s < W
     lr_s = lr * max(0, (S - s) / (S - W))   otherwise
 
-(:func:`lr_factor`). The data order is the stream of seeded epoch permutations of the dataset indices,
-so the examples of step s depend only on the seed and s: a run resumed from a checkpoint
-(:mod:`training.checkpoint`) continues exactly as one that was never interrupted.
+or, with ``schedule="constant"``, ``lr_s = lr`` at every step (no warmup: Hugging Face's
+``constant``, which RAHF's official step-3 scripts use) (:func:`lr_factor`). The data order is the
+stream of seeded epoch permutations of the dataset indices, so the examples of step s depend only on
+the seed and s: a run resumed from a checkpoint (:mod:`training.checkpoint`) continues exactly as one
+that was never interrupted.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class LoopSpec:
 
     ``module(**batch)`` returns ``(loss_sum, count)`` and is what ``accelerate`` prepares (its
     trainable parameters are the ones optimised). ``make_batch(indices)`` builds the batch of the
-    examples at those dataset indices. ``eval_fn()``, if given, returns ``{name: value}`` and is
+    examples at those dataset indices. ``schedule`` is ``linear`` (warmup + decay) or ``constant``
+    (see :func:`lr_factor`). ``eval_fn()``, if given, returns ``{name: value}`` and is
     called before the first step (step 0), every ``eval_every`` steps and after the last one.
     """
 
@@ -56,6 +59,7 @@ class LoopSpec:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "linear"
     seed: int = 0
     eval_fn: Callable[[], dict[str, float]] | None = None
     eval_every: int = 0
@@ -67,7 +71,7 @@ class LoopSpec:
     @classmethod
     def from_options(cls, opts: TrainOptions, **fields: Any) -> LoopSpec:
         """A phase with the loop settings of a run's options (batch size, accumulation, warmup, weight
-        decay, clipping, checkpoint interval); ``fields`` give the rest."""
+        decay, clipping, checkpoint and evaluation intervals); ``fields`` give the rest."""
         shared = (
             "batch_size",
             "grad_accum",
@@ -75,6 +79,7 @@ class LoopSpec:
             "weight_decay",
             "max_grad_norm",
             "checkpoint_every",
+            "eval_every",
         )
         return cls(**{k: getattr(opts, k) for k in shared}, **fields)
 
@@ -84,8 +89,13 @@ class LoopSpec:
         return self.checkpoint_dir / f"{self.name}.pt" if self.checkpoint_dir is not None else None
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps to 1, then linear decay to 0 at ``total``."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str = "linear") -> float:
+    """``linear``: warmup over ``warmup`` steps to 1, then linear decay to 0 at ``total``;
+    ``constant``: 1 at every step."""
+    if schedule == "constant":
+        return 1.0
+    if schedule != "linear":
+        raise ValueError(f"schedule must be linear or constant, not {schedule!r}")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -110,7 +120,9 @@ def _optimizer(spec: LoopSpec, params: list[nn.Parameter]):
         groups.append({"params": decay, "weight_decay": spec.weight_decay})
     optimizer = torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
     warmup = int(round(spec.warmup_ratio * spec.steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, spec.steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, spec.steps, warmup, spec.schedule)
+    )
     return optimizer, scheduler
 
 

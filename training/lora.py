@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["LoraSet"]
+__all__ = ["LoraSet", "stack_adapters"]
 
 
 class LoraSet(nn.Module):
@@ -77,6 +77,15 @@ class LoraSet(nn.Module):
             for h in handles:
                 h.remove()
 
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add every adapter's delta ``(alpha / r) B A`` to its linear's weight, in place."""
+        layout = self._layout[0]
+        for layer, m in self.targets:
+            k, lin = self._key(layer, m), layout.linear(layer, m)
+            delta = self.scaling * (self.B[k].float() @ self.A[k].float())  # [d_out, d_in]
+            lin.weight.add_(delta.to(device=lin.weight.device, dtype=lin.weight.dtype))
+
     def export(self) -> dict[str, torch.Tensor]:
         """``layers.{l}.{module}.lora_A`` [r, d_in] and ``.lora_B`` [d_out, r] (float32, CPU)."""
         out = {}
@@ -85,3 +94,30 @@ class LoraSet(nn.Module):
             out[f"layers.{layer}.{m}.lora_A"] = self.A[k].detach().float().cpu().clone()
             out[f"layers.{layer}.{m}.lora_B"] = self.B[k].detach().float().cpu().clone()
         return out
+
+
+def stack_adapters(sets: Sequence[LoraSet]) -> tuple[dict[str, torch.Tensor], float]:
+    """One SPEC §4 ``lora`` tensor set whose delta is the sum of the deltas of ``sets``, and its
+    ``lora_alpha``.
+
+    At each adapted linear, with set i's scaling ``s_i = alpha_i / r_i``, the ranks are stacked -
+    ``A = [A_1; A_2; ...]`` (rows), ``B = (r / alpha) [s_1 B_1, s_2 B_2, ...]`` (columns), r the
+    stacked rank at that linear - and ``alpha`` is the largest stacked rank of all linears, so that what
+    the server applies, ``w (alpha / r) B (A x)``, is ``w sum_i s_i B_i A_i x``: strength 1 gives the
+    sum of the adapters exactly, strength w scales all of them together.
+    """
+    parts: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for lora in sets:
+        for layer, m in lora.targets:
+            k = lora._key(layer, m)
+            a, b = lora.A[k].detach().float().cpu(), lora.B[k].detach().float().cpu()
+            parts.setdefault((layer, m), []).append((a, lora.scaling * b))
+    alpha = float(max(sum(a.shape[0] for a, _ in p) for p in parts.values()))
+    out = {}
+    for (layer, m), p in sorted(parts.items()):
+        rank = sum(a.shape[0] for a, _ in p)
+        out[f"layers.{layer}.{m}.lora_A"] = torch.cat([a for a, _ in p], dim=0).contiguous()
+        out[f"layers.{layer}.{m}.lora_B"] = (
+            torch.cat([b for _, b in p], dim=1) * (rank / alpha)
+        ).contiguous()
+    return out, alpha

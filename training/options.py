@@ -128,10 +128,13 @@ def recorded(cfg: Any) -> dict[str, Any]:
 
 
 def check_choices(cfg: Any) -> None:
-    """Raise ``ValueError`` naming the first field whose value is not one of its declared choices."""
+    """Raise ``ValueError`` naming the first field whose value is not one of its declared choices
+    (a field whose default is ``None`` may also be ``None``)."""
     for f in dataclasses.fields(cfg):
-        choices = f.metadata.get("choices")
-        if choices is not None and getattr(cfg, f.name) not in choices:
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if value is None and f.default is None:
+            continue  # left to the class to resolve
+        if choices is not None and value not in choices:
             raise ValueError(
                 f"{f.name} must be one of {', '.join(map(str, choices))}, not {getattr(cfg, f.name)!r}"
             )

@@ -195,7 +195,6 @@ def train_red(cfg: RedConfig) -> dict[str, Any]:
         lr=cfg.lr,
         seed=cfg.seed,
         eval_fn=evaluate if eval_enc else None,
-        eval_every=cfg.eval_every,
         checkpoint_dir=Path(cfg.resume or cfg.checkpoint_dir or f"{stem}.ckpt"),
         log=run_log,
     )

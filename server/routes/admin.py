@@ -79,7 +79,6 @@ async def upload_vector(request: Request, state: State) -> VectorInfo:
         description=description if isinstance(description, str) else None,
     )
     state.metrics.upload("created")
-    state.metrics.set_vectors_loaded(len(store))
     return info
 
 
@@ -120,7 +119,6 @@ async def delete_vector(
     base = name.partition("@")[0]
     if base not in store:
         state.metrics.forget_vector(base)
-    state.metrics.set_vectors_loaded(len(store))
     return Deleted(deleted=name, versions=versions)
 
 

@@ -36,5 +36,5 @@ async def ready(state: State) -> Status | JSONResponse:
 )
 async def metrics(state: State) -> Response:
     """The SPEC §8 metrics in Prometheus' text format."""
-    body, ctype = state.metrics.exposition()
+    body, ctype = await state.exposition()
     return Response(body, media_type=ctype)

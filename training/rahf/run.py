@@ -29,17 +29,24 @@ __all__ = ["RahfRun", "default_target_layers", "target_layers"]
 
 
 def default_target_layers(num_layers: int) -> list[int]:
-    """The middle layers, every second one: from 30 % to 65 % of the depth (10..20 of 32, 9..19 of 30)."""
-    lo = min(num_layers - 1, max(0, round(0.3 * num_layers)))
+    """The middle layers, every second one, numbered as ``output_hidden_states`` (layer l = the
+    residual stream after l blocks): from 30 % to 65 % of the depth - 10..20 of 32 (the official Dual
+    script's list for the 32-layer 7B models), 9..19 of 30."""
+    lo = min(num_layers - 1, max(1, round(0.3 * num_layers)))
     hi = min(num_layers - 1, max(lo, round(0.65 * num_layers)))
     return list(range(lo, hi + 1, 2))
 
 
 def target_layers(requested: Sequence[int] | None, num_layers: int) -> list[int]:
-    """``requested`` sorted and deduplicated (else :func:`default_target_layers`), checked in range."""
+    """``requested`` sorted and deduplicated (else :func:`default_target_layers`), checked to be in
+    1..num_layers-1 (``output_hidden_states[0]`` is the embeddings, the last entry is after the final
+    norm: neither is a block output)."""
     targets = sorted(set(requested)) if requested else default_target_layers(num_layers)
-    if not targets or targets[0] < 0 or targets[-1] >= num_layers:
-        raise ValueError(f"target layers {targets} out of range for a {num_layers}-layer model")
+    if not targets or targets[0] < 1 or targets[-1] >= num_layers:
+        raise ValueError(
+            f"target layers {targets} out of range for a {num_layers}-layer model (1..{num_layers - 1}, "
+            "numbered as output_hidden_states)"
+        )
     return targets
 
 
@@ -47,7 +54,11 @@ def target_layers(requested: Sequence[int] | None, num_layers: int) -> list[int]
 class RahfRun:
     """One RAHF run: ``cfg``, the ``accelerate`` accelerator, the frozen base model ``lm``
     (:class:`basemodel.LoadedModel`) and its ``layout``, the target ``layers``, the loss ``log``, the
-    ``checkpoint_dir`` and, filled in by the steps, ``phases`` (per phase: steps, losses, wall time)."""
+    ``checkpoint_dir`` and, filled in by the steps, ``phases`` (per phase: steps, losses, wall time).
+
+    ``layers`` are numbered as the paper's code numbers them, ``output_hidden_states[l]``: layer l is
+    the output of block l - 1 (:attr:`blocks`), which is where the hooks read it and where the ``add``
+    artifact (SPEC: decoder layer output) applies it."""
 
     cfg: RahfConfig
     accelerator: Any
@@ -77,6 +88,11 @@ class RahfRun:
         )
 
     @property
+    def blocks(self) -> list[int]:
+        """The decoder blocks whose outputs are the target layers: ``l - 1`` for each l."""
+        return [layer - 1 for layer in self.layers]
+
+    @property
     def base(self) -> nn.Module:
         """The frozen base model."""
         return self.lm.model
@@ -103,6 +119,7 @@ class RahfRun:
         seed: int,
         eval_batches: list[dict[str, torch.Tensor]],
         desc: str,
+        schedule: str = "linear",
     ) -> nn.Module:
         """Train ``module`` (see :class:`training.loop.LoopSpec`) with the run's loop settings, evaluated
         on ``eval_batches`` before, every so often and after; returns it unwrapped from accelerate."""
@@ -116,6 +133,7 @@ class RahfRun:
             steps=steps,
             lr=lr,
             seed=seed,
+            schedule=schedule,
             eval_fn=(lambda: {"eval_loss": mean_loss(module, eval_batches, dev)}) if eval_batches else None,
             checkpoint_dir=self.checkpoint_dir,
             log=self.log,
@@ -128,6 +146,7 @@ class RahfRun:
             "train_loss_last": res["train_loss"],
             "eval_loss_before": hist[0]["eval_loss"] if hist else None,
             "eval_loss_after": hist[-1]["eval_loss"] if hist else None,
+            "eval_history": [[h["step"], h["eval_loss"]] for h in hist],
             "wall_s": round(time.monotonic() - t, 1),
         }
         return self.accelerator.unwrap_model(module)
