@@ -7,6 +7,10 @@ reversed every other round (A B, B A, ...), and the medians are compared. The ru
 row is what ``/generate`` answers for its strength, and reports the tokens generated (a row that meets
 the end of its reply early leaves the batch).
 
+It also measures the floor the hardware sets for any sweep: the plain model (no server, no steering, one
+thread, the same quantization) decoding one token for 8 rows against 1 row at 32 tokens of context,
+interleaved, medians — a sweep of 8 cannot cost less than that ratio of one request.
+
 Usage::
 
     python bench/bench_sweep.py [--rounds 6] [--tokens 32] [--quantization none]
@@ -96,6 +100,38 @@ def run(url: str, args: argparse.Namespace) -> dict:
     }
 
 
+def batch_step_ratio(quantization: str, rounds: int, steps: int = 16) -> dict:
+    """Median decode-step time of the plain model at batch 8 and batch 1 (32 tokens of context), rounds
+    interleaved (8 1, 1 8, ...), one thread."""
+    import torch
+
+    from basemodel import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(quantization=quantization).model
+
+    @torch.no_grad()
+    def step_s(batch: int) -> float:
+        ids = torch.randint(100, 1000, (batch, 32))  # [B, 32]
+        out = model(ids, use_cache=True)
+        cache, times = out.past_key_values, []
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)  # [B, 1]
+            t0 = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+            cache = out.past_key_values
+        return statistics.median(times)
+
+    step_s(1)  # warm-up
+    times: dict[int, list[float]] = {1: [], 8: []}
+    for r in range(rounds):
+        for batch in (8, 1)[:: -1 if r % 2 else 1]:
+            times[batch].append(step_s(batch))
+    med = {b: statistics.median(v) for b, v in times.items()}
+    return {"step_s": {str(b): m for b, m in med.items()}, "ratio": med[8] / med[1]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -113,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    res["model_step_batch8_vs_batch1"] = batch_step_ratio(args.quantization, args.rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(
         f"sweep of {len(STRENGTHS)} / one request ({args.tokens} tokens, {args.quantization}): "
         f"{res['median_s']['sweep']:.2f} s / {res['median_s']['single']:.2f} s = {res['ratio']:.2f}x; "
-        f"tokens {res['sweep_tokens']} vs {res['single_tokens']}"
+        f"tokens {res['sweep_tokens']} vs {res['single_tokens']}; the plain model's decode step at batch 8 "
+        f"/ batch 1: {res['model_step_batch8_vs_batch1']['ratio']:.2f}x"
     )
     return 0
 
