@@ -34,6 +34,8 @@ import httpx
 import pytest
 from helpers import add_artifact, free_port, metric, prometheus_server, tiny_llama, wait_for
 
+from server.replica_registry import REPORT_INTERVAL_S
+
 pytest.importorskip("ray", reason="the Ray tests need the steerserve[ray] extra (make install)")
 
 HEADER = "x-steerserve-replica"
@@ -426,7 +428,18 @@ def test_sigterm_drains_every_replica(cluster):
         return httpx.get(cluster.url + "/ready", timeout=30).status_code == 503
 
     wait_for(not_ready, timeout=10, what="/ready to answer 503")
-    refused = from_both(lambda: generate(cluster), lambda r: assert_draining(r))
+    refused: set[str] = set()
+
+    def both_refuse() -> bool:
+        # each replica learns of the drain at its next report to the registry (every REPORT_INTERVAL_S):
+        # one may still take a request right after the other has begun to refuse
+        try:
+            refused.update(from_both(lambda: generate(cluster), assert_draining))
+        except AssertionError:
+            return False
+        return True
+
+    wait_for(both_refuse, timeout=10 * REPORT_INTERVAL_S, what="both replicas to answer new requests 503")
     assert refused == {s.replica for s in streams}
     for s in streams:
         s.thread.join(timeout=120)
