@@ -188,6 +188,18 @@ class PickleCanary:
         return (Path.touch, (self.path,))
 
 
+def fail_once(fn: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
+    """``fn`` that raises ``error`` on its first call and behaves as ``fn`` afterwards (fault injection)."""
+    pending = [error]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if pending:
+            raise pending.pop()
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

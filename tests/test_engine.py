@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import add_artifact, lora_artifact, padded_logits, red_artifact, tiny_llama
+from helpers import add_artifact, fail_once, lora_artifact, padded_logits, red_artifact, tiny_llama
 
 import server.engine.sampler as sampler_mod
 from server.engine import ContextLengthError, Engine, QueueFullError, SamplingParams
@@ -253,15 +253,7 @@ def test_a_failed_slot_allocation_rolls_back_and_the_next_request_runs(make, tok
     engine, model, hooks = make(steer=True)
     prof = _profile(model, (lora_artifact(model, rank=4), {}))
     before = {k: v.shape for k, v in vars(hooks.tables).items() if isinstance(v, torch.Tensor)}
-    stage = hooks.tables.stage
-    failures = iter([MemoryError("no memory for the LoRA tables")])
-
-    def failing(*a, **k):
-        err = next(failures, None)
-        if err is not None:
-            raise err
-        return stage(*a, **k)
-
+    failing = fail_once(hooks.tables.stage, MemoryError("no memory for the LoRA tables"))
     monkeypatch.setattr(hooks.tables, "stage", failing)
     engine.start()
     r = engine.submit(_ids(tokenizer), GREEDY, prof).wait(60)
@@ -274,16 +266,7 @@ def test_a_failed_slot_allocation_rolls_back_and_the_next_request_runs(make, tok
 
 def test_a_failed_page_allocation_fails_only_that_request(make, tokenizer, monkeypatch):
     engine, _, _ = make()
-    allocate = engine.cache.allocate
-    failures = iter([MemoryError("no pages")])
-
-    def failing(n):
-        err = next(failures, None)
-        if err is not None:
-            raise err
-        return allocate(n)
-
-    monkeypatch.setattr(engine.cache, "allocate", failing)
+    monkeypatch.setattr(engine.cache, "allocate", fail_once(engine.cache.allocate, MemoryError("no pages")))
     engine.start()
     assert engine.generate(_ids(tokenizer), GREEDY).finish_reason == "error"
     assert engine.cache.free_pages == engine.cache.num_pages and engine.scheduler.free_rows == 4

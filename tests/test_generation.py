@@ -16,7 +16,15 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import lora_artifact, padded_logits, red_artifact, tiny_loaded, uvicorn_thread, wait_for
+from helpers import (
+    fail_once,
+    lora_artifact,
+    padded_logits,
+    red_artifact,
+    tiny_loaded,
+    uvicorn_thread,
+    wait_for,
+)
 
 from server.app import create_app
 from server.config import ServerConfig
@@ -136,14 +144,7 @@ def test_a_failed_allocation_leaks_no_slot_and_orphans_no_request(make_server, m
     state, client = make_server()
     upload(client, "lora", lora_artifact(state.loaded.model, rank=4))
     hooks = state.engine.hooks
-    stage, failures = hooks.tables.stage, iter([MemoryError("no memory for the LoRA tables")])
-
-    def failing(*a, **k):
-        err = next(failures, None)
-        if err is not None:
-            raise err
-        return stage(*a, **k)
-
+    failing = fail_once(hooks.tables.stage, MemoryError("no memory for the LoRA tables"))
     monkeypatch.setattr(hooks.tables, "stage", failing)
     body = {**LONG, "max_new_tokens": 4, "steering": {"vectors": [{"name": "lora"}]}}
     r = client.post("/generate", json=body)
