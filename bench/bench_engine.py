@@ -14,8 +14,9 @@
                     ContinuousBatchingManager at batch 8 vs context 64..2048, real prefills, timed by
                     forward hooks on its own thread.
 4. ``lora_rss``     16 concurrent requests, each with its own profile of the largest allowed LoRA rank
-                    (two rank-64 LoRAs on q_proj/v_proj of every layer: 128 stacked), in a fresh process:
-                    peak RSS against the budget formula.
+                    (two rank-64 LoRAs on q_proj/v_proj of every layer: 128 stacked), through a real
+                    ``steerserve serve`` (``bench_engine_rss.py``): the server's peak RSS against the
+                    budget formula, and /health's slowest answer throughout against 100 ms.
 
 Usage: python bench/bench_engine.py [--parts context ...] [--rounds 3] [--old-ref main]
 Writes bench/out/engine.json.

@@ -4,7 +4,7 @@ Starts ``steerserve serve`` and ``transformers serve --continuous-batching`` (pa
 prefill) on the same model (the default SmolLM2-135M-Instruct) in the same dtype (float32, one thread per
 server process), and drives each with ``guidellm`` (installed by ``make bench-deps`` into
 ``.venv-guidellm``: its pins clash with the project's) at each concurrency, rounds interleaved
-(A B, B A, ...): synthetic prompts of ``--prompt-tokens``, at most ``--output-tokens`` new tokens,
+(A B, B A, ...): synthetic prompts of ``--prompt-tokens``, greedy, at most ``--output-tokens`` new tokens,
 ``--requests`` per concurrency level and run. Then steerserve with a saved 3-vector profile (RED + add +
 LoRA rank 8 on every layer, named as the OpenAI ``model``) at the profile concurrency, against the peer.
 
@@ -108,17 +108,32 @@ def save_profile(url: str) -> None:
     httpx.put(f"{url}/v1/profiles/{PROFILE}", json=body, timeout=60).raise_for_status()
 
 
-def run_guidellm(url: str, model_id: str, tokenizer: Path, streams: int, args: argparse.Namespace) -> dict:
-    """One guidellm run; its output tokens/s, TTFT and ITL (ms) p50/p99."""
+def warm_up(targets: list[tuple[str, str]]) -> None:
+    """A few chat requests to each (url, model) before anything is timed: transformers serve's first
+    request compiles and caches (tens of seconds), and each side's first pass allocates its buffers."""
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+    for url, model_id in targets:
+        for _ in range(2):
+            r = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": model_id}, timeout=600)
+            r.raise_for_status()
+
+
+def run_guidellm(
+    url: str, model_id: str, tokenizer: Path, streams: int, args: argparse.Namespace, steered: bool = False
+) -> dict:
+    """One guidellm run; its output tokens/s, TTFT and ITL (ms) p50/p99. ``steered``: the steerserve
+    profile run, which also sends ``ignore_eos`` (steered greedy text differs from the plain model's and
+    may end before ``max_tokens``, where the peer's never does here: both then do the same work)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         cmd = [str(GUIDELLM), "run"]
         # max_tokens on the backend, not output_tokens in the data: with the latter guidellm sends vLLM's
-        # ignore_eos, which transformers serve refuses (422); both servers get the same bodies
-        cmd += [
-            "--backend",
-            f"kind=openai_http,target={url},model={model_id},max_tokens={args.output_tokens}",
-        ]
+        # ignore_eos, which transformers serve refuses (422); temperature 0: greedy on both sides (OpenAI's
+        # default of 1 samples, and each server would stop at a different end of text); both servers get
+        # the same bodies
+        backend = {"kind": "openai_http", "target": url, "model": model_id, "max_tokens": args.output_tokens}
+        backend["extras"] = {"body": {"temperature": 0, **({"ignore_eos": True} if steered else {})}}
+        cmd += ["--backend", json.dumps(backend)]
         cmd += ["--profile", f"kind=concurrent,streams={streams}"]
         data = f"kind=synthetic_text,prompt_tokens={args.prompt_tokens}"
         cmd += ["--data", data, "--tokenizer", f"kind=huggingface_auto,model={tokenizer}"]
@@ -198,6 +213,11 @@ def main() -> None:
             if args.profile_concurrency:
                 save_profile(ours)
             ours_id = httpx.get(ours + "/v1/models").json()["data"][0]["id"]
+            warm_up(
+                [(ours, ours_id), (ours, PROFILE), (theirs, str(model))]
+                if args.profile_concurrency
+                else [(ours, ours_id), (theirs, str(model))]
+            )
             for rnd in range(args.rounds):
                 for name, streams, profile in levels:
                     order = ["steerserve", "transformers"]
@@ -206,7 +226,7 @@ def main() -> None:
                     for side in order:
                         mine = side == "steerserve"
                         url, mid = (ours, PROFILE if profile else ours_id) if mine else (theirs, str(model))
-                        res = run_guidellm(url, mid, model, streams, args)
+                        res = run_guidellm(url, mid, model, streams, args, steered=mine and profile)
                         res["load_avg_1m"] = round(os.getloadavg()[0], 2)
                         runs[name][side].append(res)
                         print(json.dumps({"round": rnd, "level": name, "side": side, **res}), flush=True)

@@ -44,11 +44,20 @@ def request_id(request: Request) -> str:
     return request.state.request_id
 
 
-def compile_steering(
+async def compile_steering(
     state: ServerState, steering: str | SteeringBody | None, profile_from_model: str | None = None
 ) -> tuple[CompiledProfile, SteeringInfo]:
     """The request's steering compiled for the served model (a saved profile's name, an inline profile,
     else the profile an OpenAI ``model`` names, else none) and the ``steering`` block of its response.
+    Compiled in a worker thread: reading, checking and stacking artifacts never stalls the event loop
+    (``/health`` and the other streams answer meanwhile); the store is thread-safe."""
+    return await asyncio.to_thread(_compile_steering, state, steering, profile_from_model)
+
+
+def _compile_steering(
+    state: ServerState, steering: str | SteeringBody | None, profile_from_model: str | None
+) -> tuple[CompiledProfile, SteeringInfo]:
+    """:func:`compile_steering`, in the calling thread.
 
     On a server with a folded profile, that profile is the model: a request naming it, or no steering,
     runs unhooked and is answered with the folded profile's block; any other steering is a

@@ -141,9 +141,9 @@ async def run_sweep(state: ServerState, request: Request, body: SweepRequest) ->
             f"strengths: {k} rows do not fit one batch of --max-batch-size {engine.max_batch_size}"
         )
     ref = VectorRef(body.vector, layers=tuple(body.layers) if body.layers is not None else None)
-    art = store.resolve(ref)
+    art = await asyncio.to_thread(store.resolve, ref)  # may read and parse the file: off the event loop
     pinned = f"{ref.base_name}@{art.sha256}"  # every row uses this version, whatever is uploaded meanwhile
-    compiled = [compile_steering(state, body.steering(pinned, w))[0] for w in body.strengths]
+    compiled = [(await compile_steering(state, body.steering(pinned, w)))[0] for w in body.strengths]
     ids = await _prompt_ids(loaded.tokenizer, body)
     sweep_id = f"sweep-{uuid.uuid4().hex[:16]}"
     handles = _submit_rows(state, sweep_id, ids, body, compiled)
@@ -243,7 +243,7 @@ async def vector_norms(state: ServerState, name: str) -> VectorNorms:
     """Norms of ``name`` (``name@sha-prefix`` for a version), relative ones for an ``add`` vector."""
     _, store, _ = state.require_engine()
     ref = VectorRef(name)
-    art = store.resolve(ref)
+    art = await asyncio.to_thread(store.resolve, ref)  # may read and parse the file: off the event loop
     relative = None
     if art.kind == "add":
         hidden = await _reference_norms(state)

@@ -155,6 +155,32 @@ def test_a_failed_allocation_leaks_no_slot_and_orphans_no_request(make_server, m
     _idle_and_clean(state)
 
 
+def test_steering_is_compiled_off_the_event_loop(make_server, monkeypatch):
+    """Reading and stacking a profile's artifacts runs in a worker thread: while one request's steering
+    takes a second to compile, /health and another request are answered."""
+    state, client = make_server()
+    upload(client, "red", red_artifact(state.loaded.model))
+    compile_profile = state.store.compile
+
+    def slow_compile(profile: Profile):
+        if profile.vectors:  # the steered request only
+            time.sleep(1.0)
+        return compile_profile(profile)
+
+    monkeypatch.setattr(state.store, "compile", slow_compile)
+    steered = {**LONG, "max_new_tokens": 2, "steering": {"vectors": [{"name": "red"}]}}
+    with uvicorn_thread(client.app) as url, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, url + "/generate", json=steered, timeout=60)
+        time.sleep(0.2)  # the steered request is compiling now
+        t0 = time.monotonic()
+        health = httpx.get(url + "/health", timeout=60)
+        plain = httpx.post(url + "/generate", json={**LONG, "max_new_tokens": 2}, timeout=60)
+        waited = time.monotonic() - t0
+        assert not pending.done()  # still compiling: the loop answered around it
+        assert health.status_code == 200 and plain.status_code == 200 and waited < 0.7
+        assert pending.result().status_code == 200
+
+
 # ---- the sampling settings reach the engine ---------------------------------------------------------
 def test_every_route_hands_its_sampling_settings_to_the_engine(make_server, monkeypatch):
     state, client = make_server()

@@ -81,21 +81,47 @@ def test_fork_copies_the_prompt_cache_to_the_siblings():
     assert all(bool((s.cache.k[:, x.pages] == 5.0).all()) for x in g.seqs[1:])
 
 
-def test_pacer_keeps_a_pass_beside_decoding_rows_within_its_factor():
-    pacer = PrefillPacer(factor=2.5, cold=32, floor=8, window=2)
-    assert pacer.allowance(0, 500) == 500  # nobody decodes: the whole budget
-    assert pacer.allowance(3, 500) == 32 and pacer.allowance(3, 10) == 10  # not measured yet
-    pacer.observe(3, 0, 0.2)  # decode-only pass: 0.2 s
-    pacer.observe(3, 20, 0.4)  # 20 prompt tokens added 0.2 s: 10 ms each
-    assert pacer.allowance(3, 500) == 30  # (2.5 - 1) * 0.2 / 0.01: such a pass takes 0.5 s = 2.5 x 0.2 s
-    pacer.observe(3, 10, 2.2)  # prompt tokens got expensive (200 ms each): the floor still makes progress
-    assert pacer.allowance(3, 500) == 8
-    pacer.observe(3, 10, 0.2001)  # a lucky fast pass: the largest recent cost still rules...
-    assert pacer.allowance(3, 500) == 8
-    pacer.observe(3, 10, 0.21)
-    pacer.observe(3, 10, 0.21)  # ...until it leaves the window; then the allowance grows at most 2x a pass
-    assert [pacer.allowance(3, 500) for _ in range(3)] == [16, 32, 64]
-    fresh = PrefillPacer()  # the default factor: a paced pass takes about 2 decode-only passes
-    fresh.observe(0, 100, 1.0)  # a prompt-only pass bounds the per-token cost from above
-    fresh.observe(2, 0, 0.1)
-    assert fresh.allowance(2, 500) == 10
+def _cost(d: int, p: int) -> float:
+    """A machine where a pass costs 0.1 s + 2 ms per decode row + 4 ms per prompt token."""
+    return 0.1 + 0.002 * d + 0.004 * p
+
+
+def test_pacer_fits_the_cost_of_a_pass_and_keeps_it_within_its_factor():
+    pacer = PrefillPacer(factor=2.0, cold=32, floor=8, window=8, first_token_weight=2.0)
+    assert pacer.allowance(0, 500, 1) == 500  # nobody decodes: the whole budget
+    assert pacer.allowance(4, 500, 1) == 32 and pacer.allowance(4, 10, 1) == 10  # nothing measured yet
+    assert pacer.allowance(4, 500, 6) == 96  # 6 wait beside 4 streams: 2 x 6 / 4 = 3 x longer
+    for d, p in [(2, 0), (6, 0)]:
+        pacer.observe(d, p, _cost(d, p))
+    assert pacer.fit() is None and pacer.allowance(4, 500, 1) == 32  # no prompt pass yet: the last allowance
+    for d, p in [(4, 0), (4, 20), (2, 40), (6, 20)]:
+        pacer.observe(d, p, _cost(d, p))
+    a, b, c = pacer.fit()
+    assert (a, b, c) == (pytest.approx(0.1), pytest.approx(0.002), pytest.approx(0.004))
+    # a decode-only pass of 4 rows takes 0.108 s: 27 prompt tokens make a pass of 2 x that
+    assert pacer.allowance(4, 500, 1) == 27
+    assert _cost(4, 27) <= 2 * _cost(4, 0) < _cost(4, 28)
+    assert pacer.allowance(4, 500, 2) == 27  # k w = d: still one decode pass's worth
+    assert pacer.allowance(4, 500, 6) == 81  # a burst of 6 beside 4 streams: 3 x
+    assert pacer.allowance(4, 50, 6) == 50  # within the room left
+
+
+def test_pacer_reads_the_prompt_tokens_cost_on_the_safe_side_and_grows_slowly():
+    pacer = PrefillPacer(factor=2.0, cold=32, floor=8, window=8)
+    for d, p in [(2, 0), (6, 0), (4, 0), (4, 20), (2, 40), (6, 20)]:
+        pacer.observe(d, p, _cost(d, p))
+    assert pacer.allowance(4, 500, 1) == 27
+    for _ in range(2):  # a chunk deep in a long prompt: 40 ms a token, not 4
+        pacer.observe(4, 10, _cost(4, 0) + 0.04 * 10)
+    assert pacer.allowance(4, 500, 1) == 8  # the dearest recent pass rules; the floor still makes progress
+    for d, p in [(4, 20), (2, 20), (4, 30), (6, 20)] * 2:  # cheap again, once the dear passes left
+        pacer.observe(d, p, _cost(d, p))
+    # back up by at most a quarter (+1) a pass (no overshoot after a cheap pass), to the 27 tokens of a
+    # pass of 2 x 0.108 s (26 where the least-squares fit lands a hair below 27.0)
+    grown = [pacer.allowance(4, 500, 1) for _ in range(6)]
+    assert grown[:4] == [11, 14, 18, 23] and grown[4] == grown[5] in (26, 27)
+
+
+def test_pacer_needs_a_window_to_fit():
+    with pytest.raises(ValueError, match="window"):
+        PrefillPacer(window=2)

@@ -8,17 +8,19 @@
   rest with prompt chunks, shortest remaining prompt first: a long prompt is prefilled a chunk per
   step beside the running streams, and a short prompt arriving behind it is not stuck behind it.
   Beside decoding rows, the prompt tokens of a pass are also paced (:class:`PrefillPacer`) so that the
-  pass takes about ``factor`` (2) times a decode-only pass, from the measured cost of recent passes:
-  the streams' inter-token time stays bounded whatever the hardware, while a pass with no decoding row
-  (a burst of new requests) uses the whole budget.
+  pass takes about ``factor`` (2) times a decode-only pass, from the measured cost of recent passes,
+  stretched when more rows wait for their first token than decode: the streams' inter-token time stays
+  bounded whatever the hardware, while a burst of new requests is not admitted a sliver at a time (a
+  pass with no decoding row uses the whole budget).
 
 Pages are allocated as a row grows (its reservation guarantees they are there).
 """
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
+
+import torch
 
 from .kv_cache import PagedKVCache
 from .request import ContextLengthError
@@ -28,41 +30,78 @@ __all__ = ["PrefillPacer", "Scheduler"]
 
 
 class PrefillPacer:
-    """Prompt tokens a pass may carry beside ``n`` decoding rows.
+    """Prompt tokens a pass may carry beside ``d`` decoding rows while ``w`` rows wait for their first token.
 
-    With t_d the time of a decode-only pass and c_p the marginal time of one prompt token, a pass with
-    p prompt tokens takes about t_d + p c_p; keeping it within ``factor * t_d`` gives
-    p <= (factor - 1) t_d / c_p. Both come from recent passes, read conservatively against noise: t_d is
-    the median of the last ``window`` decode-only passes, c_p the largest of the last ``window``
-    per-token samples (passes with at least ``floor`` prompt tokens), and the allowance at most doubles
-    from one pass to the next. Until both are measured: ``cold`` tokens.
+    Cost model of a pass with d decode tokens and p prompt tokens: t = a + b d + c p (``a`` reads the
+    weights), fitted by least squares to the last ``window`` decode-only passes and the last ``window``
+    passes with at least ``floor`` prompt tokens (kept apart, so that decode-only passes always anchor
+    a + b d, however long a prefill lasts). A decode-only pass of d rows takes t_d = a + b d. A prompt
+    token's own cost c_p is read on the safe side: the largest of c and (t - t_d) / p over the last
+    ``window // 2`` prompt passes (a chunk deep in a long prompt attends to all the keys before it: it
+    costs more than the window's average, and more per token the shorter it is).
+
+    A pass with p prompt tokens takes about t_d + p c_p: it delays d streams by p c_p and brings w
+    requests that much closer to their first token. A wait for a first token weighs
+    ``first_token_weight`` (k = 2) times a wait for a next one, so the delay allowed grows with k w / d:
+
+        p <= (factor - 1) * max(1, k w / d) * t_d / c_p
+
+    i.e. while k w <= d (a long prompt beside running streams) a pass takes at most ``factor`` (2)
+    decode-only passes, and a burst of prompts beside fewer streams is prefilled in proportionally fewer
+    passes. The base allowance (factor - 1) t_d / c_p is at least ``floor``, may fall at once and grows
+    by at most a quarter (+1) a pass, so that a cheap pass does not make the next one overshoot. While
+    the model cannot be fitted (no pass of one of the two kinds yet, or a fit that makes a cost
+    negative): the last allowance, at first ``cold`` tokens (times the stretch).
     """
 
-    def __init__(self, factor: float = 2.0, cold: int = 32, floor: int = 8, window: int = 8) -> None:
-        self.factor, self.cold, self.floor = factor, cold, floor
-        self._decode: deque[float] = deque(maxlen=window)
-        self._prompt: deque[float] = deque(maxlen=window)
+    def __init__(
+        self,
+        factor: float = 2.0,
+        cold: int = 32,
+        floor: int = 8,
+        window: int = 16,
+        first_token_weight: float = 2.0,
+    ) -> None:
+        if window < 4:
+            raise ValueError(f"window must be at least 4 passes, got {window}")
+        self.factor, self.cold, self.floor, self.window = factor, cold, floor, window
+        self.first_token_weight = first_token_weight
+        self._decode: deque[tuple[int, int, float]] = deque(maxlen=window)  # (d, 0, seconds)
+        self._prompt: deque[tuple[int, int, float]] = deque(maxlen=window)  # (d, p >= floor, seconds)
         self._last = cold
 
     def observe(self, n_decode: int, n_prompt: int, seconds: float) -> None:
         """Record one forward pass."""
         if n_prompt == 0:
-            self._decode.append(seconds)
-        elif n_prompt >= self.floor and n_decode == 0:  # includes reading the weights: on the safe side
-            self._prompt.append(seconds / n_prompt)
-        elif n_prompt >= self.floor and self._decode:
-            self._prompt.append(max(seconds - statistics.median(self._decode), 0.0) / n_prompt)
+            self._decode.append((n_decode, 0, seconds))
+        elif n_prompt >= self.floor:
+            self._prompt.append((n_decode, n_prompt, seconds))
 
-    def allowance(self, n_decode: int, room: int) -> int:
-        """Prompt tokens for a pass with ``n_decode`` decoding rows and ``room`` tokens left in the budget."""
+    def fit(self) -> tuple[float, float, float] | None:
+        """(a, b, c) of t = a + b d + c p over the recent passes; None while that is not measurable."""
+        passes = [*self._decode, *self._prompt]
+        if not self._decode or not self._prompt or len(passes) < 3:
+            return None
+        x = torch.tensor([[1.0, d, p] for d, p, _ in passes], dtype=torch.float64)  # [n, 3]
+        y = torch.tensor([[t] for _, _, t in passes], dtype=torch.float64)  # [n, 1]
+        a, b, c = torch.linalg.lstsq(x, y, driver="gelsd").solution[:, 0].tolist()  # least norm if singular
+        return (a, b, c) if c > 0 else None
+
+    def allowance(self, n_decode: int, room: int, n_waiting: int) -> int:
+        """Prompt tokens for a pass with ``n_decode`` decoding rows, ``n_waiting`` rows still prefilling and
+        ``room`` tokens left in the budget."""
         if n_decode == 0:
             return room
-        if not self._decode or not self._prompt:
-            return min(room, self.cold)
-        t_d, c_p = statistics.median(self._decode), max(self._prompt)
-        paced = int((self.factor - 1) * t_d / c_p) if c_p > 0 else room
-        self._last = max(self.floor, min(paced, 2 * self._last))
-        return min(room, self._last)
+        stretch = max(1.0, self.first_token_weight * n_waiting / n_decode)
+        model = self.fit()
+        t_d = model[0] + model[1] * n_decode if model else 0.0
+        if model is None or t_d <= 0:  # keep the last allowance (at first: cold)
+            return min(room, int(self._last * stretch))
+        recent = list(self._prompt)[-(self.window // 2) :]
+        c_p = max(model[2], *((t - model[0] - model[1] * d) / p for d, p, t in recent))
+        paced = int((self.factor - 1) * t_d / c_p)
+        self._last = max(self.floor, min(paced, int(1.25 * self._last) + 1))
+        return min(room, int(self._last * stretch))
 
 
 class Scheduler:
@@ -150,11 +189,11 @@ class Scheduler:
                     failed.append((seq, e))
                     continue
                 works.append(Work(seq, seq.cached, [seq.out[-1]], decode=True, samples=True))
-        budget = self.pacer.allowance(len(works), self.max_batched_tokens - len(works))
         prefilling = sorted(
             (s for s in self.running if s.prefilling and s.finish is None),
             key=lambda s: (len(s.prompt) - s.cached, s.group.arrival),
         )
+        budget = self.pacer.allowance(len(works), self.max_batched_tokens - len(works), len(prefilling))
         for seq in prefilling:
             if budget <= 0:
                 break

@@ -32,6 +32,6 @@ async def generate(
         if body.prompt is not None
         else await encode_chat(tok, body.messages or [])
     )
-    compiled, info = compile_steering(state, body.steering)
+    compiled, info = await compile_steering(state, body.steering)
     gen = Generation("/generate", ids, params, compiled, body.stream, body.prompt)
     return await run_generation(state, request, gen, GenerateRenderer(info, logprobs=params.logprobs))

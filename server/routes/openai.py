@@ -62,7 +62,7 @@ async def _complete(
     """Resolve the steering (``model`` may name a saved profile), then generate, rendered OpenAI's way."""
     engine, _, _ = state.require_engine()
     params = body.sampling(state.config.max_new_tokens, engine.defaults)
-    compiled, info = compile_steering(state, body.steering, _profile_of(state, body.model))
+    compiled, info = await compile_steering(state, body.steering, _profile_of(state, body.model))
     render = renderer(
         id=request_id(request),
         steering=info,
