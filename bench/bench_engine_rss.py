@@ -67,6 +67,47 @@ def _sample_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
         time.sleep(0.01)
 
 
+def _upload(url: str, arts: list, n: int) -> None:
+    """Upload the 2n LoRAs and save n profiles of two each (``p{i}``: ``l{2i}`` + ``l{2i+1}``)."""
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for i, art in enumerate(arts):
+            files = {"file": (f"l{i}.safetensors", art.to_bytes(), "application/octet-stream")}
+            client.post("/v1/vectors", data={"name": f"l{i}"}, files=files).raise_for_status()
+        for i in range(n):
+            body = {"vectors": [{"name": f"l{2 * i}"}, {"name": f"l{2 * i + 1}"}]}
+            client.put(f"/v1/profiles/p{i}", json=body).raise_for_status()
+
+
+def _run(url: str, pid: int, n: int, tokens: int) -> tuple[list[dict], float, list[float], int]:
+    """n concurrent steered /generate requests while /health is polled and the server's RSS sampled:
+    (responses, seconds, /health latencies, peak RSS in bytes)."""
+    stop, health, peak = threading.Event(), [], [psutil.Process(pid).memory_info().rss]
+    watchers = [
+        threading.Thread(target=_poll_health, args=(url, stop, health), daemon=True),
+        threading.Thread(target=_sample_rss, args=(pid, stop, peak), daemon=True),
+    ]
+    for w in watchers:
+        w.start()
+    time.sleep(0.5)  # /health's latency while idle, too
+
+    def one(i: int) -> dict:
+        prompt = "Write a short note about the ocean and the tides."
+        body = {"prompt": prompt, "steering": f"p{i}", "max_new_tokens": tokens, "ignore_eos": True}
+        r = httpx.post(url + "/generate", json=body, timeout=900)
+        r.raise_for_status()
+        return r.json()
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    elapsed = time.monotonic() - t0
+    time.sleep(0.5)
+    stop.set()
+    for w in watchers:
+        w.join(30)
+    return results, elapsed, health, peak[0]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=32)
@@ -87,44 +128,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as vdir, open(Path(vdir) / "server.log", "wb") as log:
         url, proc = _serve(model_dir, Path(vdir) / "vectors", n, log)
         try:
-            server = psutil.Process(proc.pid)
-            rss_ready = server.memory_info().rss
-            with httpx.Client(base_url=url, timeout=300) as client:
-                for i, art in enumerate(arts):
-                    files = {"file": (f"l{i}.safetensors", art.to_bytes(), "application/octet-stream")}
-                    client.post("/v1/vectors", data={"name": f"l{i}"}, files=files).raise_for_status()
-                for i in range(n):
-                    body = {"vectors": [{"name": f"l{2 * i}"}, {"name": f"l{2 * i + 1}"}]}
-                    client.put(f"/v1/profiles/p{i}", json=body).raise_for_status()
-            rss_loaded = server.memory_info().rss
-            stop, health, peak = threading.Event(), [], [rss_loaded]
-            watchers = [
-                threading.Thread(target=_poll_health, args=(url, stop, health), daemon=True),
-                threading.Thread(target=_sample_rss, args=(proc.pid, stop, peak), daemon=True),
-            ]
-            for w in watchers:
-                w.start()
-            time.sleep(0.5)  # /health's latency while idle, too
-
-            def one(i: int) -> dict:
-                body = {
-                    "prompt": "Write a short note about the ocean and the tides.",
-                    "steering": f"p{i}",
-                    "max_new_tokens": args.tokens,
-                    "ignore_eos": True,
-                }
-                r = httpx.post(url + "/generate", json=body, timeout=900)
-                r.raise_for_status()
-                return r.json()
-
-            t0 = time.monotonic()
-            with ThreadPoolExecutor(n) as pool:
-                results = list(pool.map(one, range(n)))
-            elapsed = time.monotonic() - t0
-            time.sleep(0.5)
-            stop.set()
-            for w in watchers:
-                w.join(30)
+            rss_ready = psutil.Process(proc.pid).memory_info().rss
+            _upload(url, arts, n)
+            rss_loaded = psutil.Process(proc.pid).memory_info().rss
+            results, elapsed, health, peak = _run(url, proc.pid, n, args.tokens)
             ready = httpx.get(url + "/ready", timeout=30).json()
         finally:
             proc.terminate()
@@ -146,9 +153,9 @@ def main() -> int:
         "seconds": round(elapsed, 1),
         "rss_ready_mib": round(rss_ready / MIB),
         "rss_after_uploads_mib": round(rss_loaded / MIB),
-        "rss_peak_mib": round(peak[0] / MIB),
+        "rss_peak_mib": round(peak / MIB),
         "budget_mib": round(budget / MIB),
-        "within_budget": peak[0] <= budget,
+        "within_budget": peak <= budget,
         "artifacts_mib": round(art_bytes / MIB),
         "tables_bound_mib": round(tables / MIB),
         "gathered_mib": round(gathered / MIB),
