@@ -130,7 +130,7 @@ def run_guidellm(
         # max_tokens on the backend, not output_tokens in the data: with the latter guidellm sends vLLM's
         # ignore_eos, which transformers serve refuses (422); temperature 0: greedy on both sides (OpenAI's
         # default of 1 samples, and each server would stop at a different end of text); both servers get
-        # the same bodies
+        # the same bodies, but for the profile runs' ignore_eos (see the docstring)
         backend = {"kind": "openai_http", "target": url, "model": model_id, "max_tokens": args.output_tokens}
         backend["extras"] = {"body": {"temperature": 0, **({"ignore_eos": True} if steered else {})}}
         cmd += ["--backend", json.dumps(backend)]
