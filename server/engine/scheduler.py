@@ -9,9 +9,9 @@
   step beside the running streams, and a short prompt arriving behind it is not stuck behind it.
   Beside decoding rows, the prompt tokens of a pass are also paced (:class:`PrefillPacer`) so that the
   pass takes about ``factor`` (2) times a decode-only pass, from the measured cost of recent passes,
-  stretched when more rows wait for their first token than decode: the streams' inter-token time stays
-  bounded whatever the hardware, while a burst of new requests is not admitted a sliver at a time (a
-  pass with no decoding row uses the whole budget).
+  stretched when the rows waiting for their first token outweigh the decoding ones: the streams'
+  inter-token time stays bounded whatever the hardware, while a burst of new requests is not admitted
+  a sliver at a time (a pass with no decoding row uses the whole budget).
 
 Pages are allocated as a row grows (its reservation guarantees they are there).
 """
@@ -93,12 +93,12 @@ class PrefillPacer:
         if n_decode == 0:
             return room
         stretch = max(1.0, self.first_token_weight * n_waiting / n_decode)
-        model = self.fit()
-        t_d = model[0] + model[1] * n_decode if model else 0.0
-        if model is None or t_d <= 0:  # keep the last allowance (at first: cold)
+        a, b, c = self.fit() or (0.0, 0.0, 0.0)
+        t_d = a + b * n_decode  # a decode-only pass of these rows
+        if t_d <= 0:  # no usable fit: keep the last allowance (at first: cold)
             return min(room, int(self._last * stretch))
         recent = list(self._prompt)[-(self.window // 2) :]
-        c_p = max(model[2], *((t - model[0] - model[1] * d) / p for d, p, t in recent))
+        c_p = max(c, *((t - a - b * d) / p for d, p, t in recent))
         paced = int((self.factor - 1) * t_d / c_p)
         self._last = max(self.floor, min(paced, int(1.25 * self._last) + 1))
         return min(room, int(self._last * stretch))
