@@ -362,6 +362,23 @@ def test_steering_slots_are_released_when_requests_end(make, tokenizer):
     assert hooks.slots_in_use == 0
 
 
+def test_a_requests_slot_is_free_before_its_caller_hears_it_ended(make, tokenizer):
+    engine, model, hooks = make(steer=True)
+    prof = _profile(model, (add_artifact(model, seed=1), {}))
+    h = engine.submit(_ids(tokenizer), GREEDY, prof)
+    in_use_at_end = []
+    push = h._push
+
+    def spy(event):
+        if event.finish_reason is not None:
+            in_use_at_end.append(hooks.slots_in_use)
+        push(event)
+
+    h._push = spy
+    engine.start()
+    assert h.wait(60).finish_reason == "length" and in_use_at_end == [0]
+
+
 def test_packed_steering_equals_the_padded_reference_with_position_classes(make, tokenizer):
     engine, model, hooks = make(steer=True, max_batched_tokens=9)  # prompts prefilled in chunks
     prof = _profile(

@@ -393,6 +393,9 @@ class Engine:
         done = group.done
         if done:
             handle.timings["total"] = time.monotonic() - group.arrival
+            if group.slot and self.hooks is not None:  # freed before the caller hears the request ended
+                self.hooks.release(group.slot)
+                group.slot = 0
         # counted before the caller hears of it: a client that has its response sees its tokens in /metrics
         self._observer.add_tokens(prompt=len(group.prompt) if seq.index == 0 else 0, generated=completion)
         self._notify_queue()
@@ -408,6 +411,3 @@ class Engine:
             )
         )
         seq.pending_logprobs.clear()
-        if done and group.slot and self.hooks is not None:
-            self.hooks.release(group.slot)
-            group.slot = 0
