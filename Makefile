@@ -14,7 +14,7 @@ GUIDELLM_VENV := .venv-guidellm
 GUIDELLM_STAMP := $(GUIDELLM_VENV)/.installed
 PEERS  := steering-vectors==0.12.2 repeng==0.4.0
 
-.PHONY: install serve test lint bench bench-deps eval clean system-deps
+.PHONY: install serve test lint bench bench-deps eval clean system-deps screenshot
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -56,6 +56,10 @@ lint: install
 
 test: install system-deps lint
 	$(PY) -m pytest -q -ra tests
+
+# the README's picture of the playground, taken by its browser test
+screenshot: install system-deps
+	STEERSERVE_SCREENSHOT=docs/playground.png $(PY) -m pytest -q tests/test_playground.py
 
 # The peer libraries pin transformers<5 / numpy<2, so they go to their own folder, without their
 # dependencies (bench/peers.py loads them from there).

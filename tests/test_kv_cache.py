@@ -15,7 +15,7 @@ def _cache(tokens: int = 64, page: int = 16) -> PagedKVCache:
 def test_capacity_is_budgeted_in_tokens_and_bytes():
     c = _cache(70, 16)
     assert c.num_pages == 5 and c.capacity_tokens == 80
-    assert c.k.shape == (2, 5, 3, 16, 4) and c.v.shape == c.k.shape
+    assert c.k.shape == (2, 3, 5, 16, 4) and c.v.shape == c.k.shape
     assert PagedKVCache.bytes_per_token(30, 3, 64, torch.float32) == 46_080  # SmolLM2-135M
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         _cache(8, 16)
@@ -41,7 +41,7 @@ def test_token_slots_and_prefix_copy():
     pages = [3, 1]
     page_of, off = c.slots(pages, 14, 19)
     assert page_of.tolist() == [3, 3, 1, 1, 1] and off.tolist() == [14, 15, 0, 1, 2]
-    c.k[:, 3] = 1.0
-    c.k[:, 1] = 2.0
+    c.k[:, :, 3] = 1.0
+    c.k[:, :, 1] = 2.0
     c.copy_prefix([3, 1], [0, 2], 20)
-    assert torch.equal(c.k[:, 0], c.k[:, 3]) and torch.equal(c.k[:, 2], c.k[:, 1])
+    assert torch.equal(c.k[:, :, 0], c.k[:, :, 3]) and torch.equal(c.k[:, :, 2], c.k[:, :, 1])

@@ -74,11 +74,11 @@ def test_fork_copies_the_prompt_cache_to_the_siblings():
     parent = g.seqs[0]
     works, _ = s.plan()
     assert [w.seq for w in works] == [parent]  # only the parent prefills
-    s.cache.k[:, parent.pages] = 5.0
+    s.cache.k[:, :, parent.pages] = 5.0
     parent.cached = 6
     drawn = s.fork(parent)
     assert drawn == g.seqs and all(x.cached == 6 and len(x.pages) == 2 for x in g.seqs)
-    assert all(bool((s.cache.k[:, x.pages] == 5.0).all()) for x in g.seqs[1:])
+    assert all(bool((s.cache.k[:, :, x.pages] == 5.0).all()) for x in g.seqs[1:])
 
 
 def _cost(d: int, p: int) -> float:

@@ -9,6 +9,8 @@ padding); only attention needs to know the rows apart, and does it in two groups
   log-sum-exp l_p; a row's output is  ``sum_p exp(l_p - m) o_p / sum_p exp(l_p - m)``  over its pages
   (m = the row's max l_p). Keys and values are read in place: nothing is gathered or copied.
 - each prompt chunk on its own: its row's pages are gathered (that row only) and attended causally.
+  A step with a single decode row attends it this way too, as a chunk of one token: for one row the
+  gather costs less than the per-page partials and their merge.
 
 Grouped-query attention never repeats keys: the ``g = H_q / H_kv`` query heads that share a key head
 are folded into the query length, ``[.., H_q, T, D] -> [.., H_kv, g*T, D]``.
@@ -55,7 +57,8 @@ class ChunkSpan:
     start: int
     stop: int
     pages: torch.Tensor  # [n_p] the row's pages covering positions [0, pos0 + stop - start)
-    mask: torch.Tensor  # [T, n_p * page_size] bool: key position <= query position
+    bias: torch.Tensor  # [1, 1, g*T, n_p * page_size] 0 where key position <= query position, else -inf
+    # ^ rows g-major like the folded query: row i*T + t is query head i of the group at token t
 
 
 @dataclass
@@ -111,23 +114,23 @@ def combine_pages(o: torch.Tensor, lse: torch.Tensor, owner: torch.Tensor, rows:
 
 
 def _decode(q, plan, k_cache, v_cache, scale) -> torch.Tensor:
-    n, h_kv = plan.num_decode, k_cache.shape[1]
+    n, h_kv = plan.num_decode, k_cache.shape[0]
     qd = q[0, :, :n].transpose(0, 1)  # [n, H_q, D]
     qd = qd.reshape(n, h_kv, -1, qd.shape[-1])  # [n, H_kv, g, D]: the g query heads of a key head
     P = plan.scan_pages
     qp = qd[plan.page_owner.clamp(max=n - 1)]  # [P, H_kv, g, D]
-    o, lse = attend_pages(qp, k_cache[:P], v_cache[:P], plan.page_bias, scale)
+    k, v = k_cache[:, :P].transpose(0, 1), v_cache[:, :P].transpose(0, 1)  # [P, H_kv, bs, D] views
+    o, lse = attend_pages(qp, k, v, plan.page_bias, scale)
     return combine_pages(o, lse, plan.page_owner, n).reshape(n, -1, qd.shape[-1])  # [n, H_q, D]
 
 
 def _chunk(q, span: ChunkSpan, k_cache, v_cache, scale) -> torch.Tensor:
-    h_kv, T = k_cache.shape[1], span.stop - span.start
+    h_kv, T = k_cache.shape[0], span.stop - span.start
     g = q.shape[1] // h_kv
-    k = k_cache[span.pages].transpose(0, 1).reshape(1, h_kv, -1, k_cache.shape[-1])  # [1, H_kv, S, D]
-    v = v_cache[span.pages].transpose(0, 1).reshape(1, h_kv, -1, v_cache.shape[-1])
+    k = k_cache.index_select(1, span.pages).view(1, h_kv, -1, k_cache.shape[-1])  # [1, H_kv, S, D]
+    v = v_cache.index_select(1, span.pages).view(1, h_kv, -1, v_cache.shape[-1])  # the row's pages, in order
     qc = q[:, :, span.start : span.stop].reshape(1, h_kv, g * T, -1)  # [1, H_kv, g*T, D]
-    mask = span.mask.repeat(g, 1)[None, None]  # [1, 1, g*T, S]
-    o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale)  # [1, H_kv, g*T, D]
+    o = F.scaled_dot_product_attention(qc, k, v, attn_mask=span.bias, scale=scale)  # [1, H_kv, g*T, D]
     return o.reshape(h_kv * g, T, -1).transpose(0, 1)  # [T, H_q, D]
 
 
@@ -135,9 +138,9 @@ def paged_forward(module: nn.Module, query, key, value, plan: AttentionPlan, sca
     """Write this step's keys/values into the cache, then attend. query [1, H_q, N, D] -> [1, N, H_q, D]."""
     layer = module.layer_idx
     cache = plan.cache
-    k_cache, v_cache = cache.k[layer], cache.v[layer]  # [P, H_kv, bs, D]
-    k_cache[plan.write_page, :, plan.write_off] = key[0].transpose(0, 1).to(k_cache.dtype)  # [N, H_kv, D]
-    v_cache[plan.write_page, :, plan.write_off] = value[0].transpose(0, 1).to(v_cache.dtype)
+    k_cache, v_cache = cache.k[layer], cache.v[layer]  # [H_kv, P, bs, D]
+    k_cache[:, plan.write_page, plan.write_off] = key[0].to(k_cache.dtype)  # [H_kv, N, D]
+    v_cache[:, plan.write_page, plan.write_off] = value[0].to(v_cache.dtype)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q = query.to(k_cache.dtype)
     out = torch.empty(query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)

@@ -2,12 +2,14 @@
 
 The pool holds ``num_pages`` pages of ``page_size`` tokens for every layer, keys and values:
 
-    k, v: [L, P, H_kv, page_size, D]      (L layers, P pages, H_kv key/value heads, D head dim)
+    k, v: [L, H_kv, P, page_size, D]      (L layers, H_kv key/value heads, P pages, D head dim)
 
 A row owns a list of pages; token t of the row lives in page ``pages[t // page_size]`` at offset
 ``t % page_size``. Nothing is copied per step: a forward pass writes the new tokens' keys and values at
 their fixed places, and attention reads the pages in place (see :mod:`server.engine.attention`).
-Because writes go to fixed places, a step can be retried: it rewrites the same slots.
+Because writes go to fixed places, a step can be retried: it rewrites the same slots. Heads come before
+pages so that a row's pages, gathered, are already its keys in order: ``k[l].index_select(1, pages)`` is
+``[H_kv, n_p, page_size, D]``, a view of ``[H_kv, n_p * page_size, D]`` (no second copy).
 
 Pages are handed out lowest index first, so the pages in use stay packed at the start of the pool and
 the decode attention, which reads the prefix ``[0, high_water)``, touches little beyond them.
@@ -52,8 +54,8 @@ class PagedKVCache:
             )
         self.page_size = page_size
         self.num_pages = math.ceil(capacity_tokens / page_size)
-        shape = (num_layers, self.num_pages, kv_heads, page_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, P, H_kv, bs, D]
+        shape = (num_layers, kv_heads, self.num_pages, page_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, H_kv, P, bs, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = list(range(self.num_pages))  # a min-heap: lowest pages first
         self._used: set[int] = set()
@@ -109,5 +111,5 @@ class PagedKVCache:
             return
         s = torch.tensor(src[:n], device=self.k.device)
         d = torch.tensor(dst[:n], device=self.k.device)
-        self.k[:, d] = self.k[:, s]
-        self.v[:, d] = self.v[:, s]
+        self.k[:, :, d] = self.k[:, :, s]
+        self.v[:, :, d] = self.v[:, :, s]

@@ -38,6 +38,11 @@ class ModelRunner:
     def __init__(self, model: nn.Module, hooks: SteeringHooks | None, cache: PagedKVCache) -> None:
         self.model, self.hooks, self.cache = model, hooks, cache
         self.device = next(model.parameters()).device
+        cfg = model.config
+        self.group = cfg.num_attention_heads // (
+            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        )
+        # ^ query heads per key/value head
         self._dummy_mask = torch.zeros(1, 1, 1, 1, device=self.device)  # 4-D: transformers builds no mask
 
     def run(self, works: Sequence[Work]) -> StepOutput:
@@ -100,6 +105,8 @@ class ModelRunner:
         )
         plan = AttentionPlan(cache, torch.cat(pages).to(self.device), torch.cat(offs).to(self.device))
         decodes = [w for w in works if w.decode]
+        if len(decodes) == 1:  # one decoding row: attended as a chunk of one token (see attention.py)
+            decodes = []
         if decodes:
             n, P = len(decodes), cache.high_water
             owner = [n] * P
@@ -118,13 +125,13 @@ class ModelRunner:
             T, stop = len(w.tokens), w.start + len(w.tokens)
             n_p = cache.pages_for(stop)
             q_pos = torch.arange(w.start, stop)[:, None]  # [T, 1]
-            mask = torch.arange(n_p * bs)[None, :] <= q_pos  # [T, n_p*bs]
+            bias = torch.where(torch.arange(n_p * bs)[None, :] <= q_pos, 0.0, float("-inf"))  # [T, n_p*bs]
             plan.chunks.append(
                 ChunkSpan(
                     start,
                     start + T,
                     torch.tensor(w.seq.pages[:n_p], device=self.device),
-                    mask.to(self.device),
+                    bias.repeat(self.group, 1)[None, None].to(self.device, cache.k.dtype),  # [1, 1, g*T, S]
                 )
             )
             start += T
