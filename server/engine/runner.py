@@ -105,13 +105,12 @@ class ModelRunner:
         )
         plan = AttentionPlan(cache, torch.cat(pages).to(self.device), torch.cat(offs).to(self.device))
         decodes = [w for w in works if w.decode]
-        if len(decodes) == 1:  # one decoding row: attended as a chunk of one token (see attention.py)
-            decodes = []
-        if decodes:
-            n, P = len(decodes), cache.high_water
+        paged = decodes if len(decodes) > 1 else []  # a lone decoding row is a 1-token chunk (attention.py)
+        if paged:
+            n, P = len(paged), cache.high_water
             owner = [n] * P
             valid = [bs] * P
-            for i, w in enumerate(decodes):
+            for i, w in enumerate(paged):
                 length = w.start + 1  # the row's tokens once this one is written
                 for j, page in enumerate(w.seq.pages[: cache.pages_for(length)]):
                     owner[page], valid[page] = i, min(bs, length - j * bs)
@@ -120,8 +119,8 @@ class ModelRunner:
             plan.num_decode, plan.scan_pages = n, P
             plan.page_owner = torch.tensor(owner, device=self.device)
             plan.page_bias = bias[:, None, None, :].to(self.device, cache.k.dtype)
-        start = len(decodes)
-        for w in works[len(decodes) :]:
+        start = len(paged)
+        for w in works[len(paged) :]:
             T, stop = len(w.tokens), w.start + len(w.tokens)
             n_p = cache.pages_for(stop)
             q_pos = torch.arange(w.start, stop)[:, None]  # [T, 1]
