@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import padded_logits, tiny_llama
 
+from server.engine import runner as runner_mod
 from server.engine.attention import paged_attention
 from server.engine.kv_cache import PagedKVCache
 from server.engine.params import SamplingParams
@@ -51,3 +52,25 @@ def test_a_failing_pass_is_retried_row_by_row():
         torch.testing.assert_close(out.logits[2], alone[1][0], atol=1e-6, rtol=0)
         with pytest.raises(RuntimeError, match="bad row"):
             runner.run([works[1]])
+
+
+@pytest.mark.parametrize("gather_max", [0, 10_000])  # page-wise, then gathered as a 1-token chunk
+@torch.no_grad()
+def test_a_lone_decode_row_matches_the_models_forward_on_either_attention_path(monkeypatch, gather_max):
+    monkeypatch.setattr(runner_mod, "LONE_ROW_GATHER_MAX", gather_max)
+    model = tiny_llama()
+    cache = PagedKVCache(num_layers=2, kv_heads=2, head_dim=16, capacity_tokens=256, page_size=16)
+    prompt = list(range(3, 40))  # 37 tokens: three pages, the last one partly filled
+    seen = []
+    with paged_attention(model):
+        runner = ModelRunner(model, None, cache)
+        first = _work(cache, prompt)
+        seq = first.seq
+        seq.pages += cache.allocate(1)
+        runner.run([first])
+        plan = runner._plan([Work(seq, len(prompt), [41], decode=True, samples=True)])
+        assert (plan.num_decode, len(plan.chunks)) == ((1, 0) if gather_max == 0 else (0, 1))
+        for tok in (41, 42):  # decode two tokens, one at a time, alone in their pass
+            seen.append(runner.run([Work(seq, len(prompt) + len(seen), [tok], decode=True, samples=True)]))
+    ref = padded_logits(model, [prompt + [41, 42]])[0, -2:]
+    torch.testing.assert_close(torch.stack([o.logits[0] for o in seen]), ref, atol=1e-5, rtol=0)

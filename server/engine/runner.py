@@ -17,7 +17,7 @@ from torch import nn
 
 from steering_vectors import SteeringHooks
 
-from .attention import PLAN_KWARG, AttentionPlan, ChunkSpan
+from .attention import LONE_ROW_GATHER_MAX, PLAN_KWARG, AttentionPlan, ChunkSpan
 from .kv_cache import PagedKVCache
 from .sequence import Work
 
@@ -105,7 +105,8 @@ class ModelRunner:
         )
         plan = AttentionPlan(cache, torch.cat(pages).to(self.device), torch.cat(offs).to(self.device))
         decodes = [w for w in works if w.decode]
-        paged = decodes if len(decodes) > 1 else []  # a lone decoding row is a 1-token chunk (attention.py)
+        lone = len(decodes) == 1 and decodes[0].start < LONE_ROW_GATHER_MAX  # a 1-token chunk (attention.py)
+        paged = [] if lone else decodes
         if paged:
             n, P = len(paged), cache.high_water
             owner = [n] * P
