@@ -33,6 +33,7 @@ from bench_peers_http import _env, _port, _wait
 from transformers import AutoModelForCausalLM
 
 from basemodel import prepare_default_model
+from server.state import steering_slots
 from steering_vectors import tables_budget_bytes
 
 MIB = 1024 * 1024
@@ -136,7 +137,7 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    slots = max(2 * n + 1, 16)  # server/state.py: the hooks' slot count for --max-batch-size n
+    slots = steering_slots(n)  # the server's hook slots for --max-batch-size n
     tables = tables_budget_bytes(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,

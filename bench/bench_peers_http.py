@@ -214,9 +214,8 @@ def main() -> None:
                 save_profile(ours)
             ours_id = httpx.get(ours + "/v1/models").json()["data"][0]["id"]
             warm_up(
-                [(ours, ours_id), (ours, PROFILE), (theirs, str(model))]
-                if args.profile_concurrency
-                else [(ours, ours_id), (theirs, str(model))]
+                [(ours, ours_id), (theirs, str(model))]
+                + ([(ours, PROFILE)] if args.profile_concurrency else [])
             )
             for rnd in range(args.rounds):
                 for name, streams, profile in levels:

@@ -17,9 +17,15 @@ from .metrics import Metrics
 from .store import VectorStore
 from .vector_dir import VectorDir
 
-__all__ = ["ServerState"]
+__all__ = ["ServerState", "steering_slots"]
 
 log = logging.getLogger("steerserve")
+
+
+def steering_slots(max_batch_size: int) -> int:
+    """The steering hooks' slot count for ``max_batch_size`` rows: twice the rows plus slot 0 (the
+    identity), at least 16."""
+    return max(2 * max_batch_size + 1, 16)
 
 
 class ServerState:
@@ -69,7 +75,7 @@ class ServerState:
         )
         hooks = install_steering(
             loaded.model,
-            max_slots=max(2 * cfg.max_batch_size + 1, 16),
+            max_slots=steering_slots(cfg.max_batch_size),
             max_profile_rank=cfg.max_profile_rank,
         )
         store = VectorStore(

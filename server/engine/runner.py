@@ -38,11 +38,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, hooks: SteeringHooks | None, cache: PagedKVCache) -> None:
         self.model, self.hooks, self.cache = model, hooks, cache
         self.device = next(model.parameters()).device
-        cfg = model.config
-        self.group = cfg.num_attention_heads // (
-            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        )
-        # ^ query heads per key/value head
+        self.group = model.config.num_attention_heads // cache.k.shape[1]  # query heads per key/value head
         self._dummy_mask = torch.zeros(1, 1, 1, 1, device=self.device)  # 4-D: transformers builds no mask
 
     def run(self, works: Sequence[Work]) -> StepOutput:
